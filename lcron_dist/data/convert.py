@@ -1,0 +1,329 @@
+"""RecFlow raw files -> day-partitioned Parquet training examples (one row per request).
+
+A day is converted with numpy/pyarrow array operations over all its requests at once; the only
+per-request work left is pulling the arrays out of the published pickles (C-level `map`). Memory is
+bounded by one day. Each day is written to a temporary folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from lcron_dist.data import dataset, raw, schema
+from lcron_dist.data.errors import DataError
+
+_ARRAY_COL = {name: i for i, name in enumerate(schema.REQUEST_ARRAY_COLUMNS)}
+_SEQ_COL = {name: i for i, name in enumerate(schema.SEQ_COLUMNS)}
+
+
+def time_features(timestamps: np.ndarray, unit: str) -> dict[str, np.ndarray]:
+    """1-based weekday (Monday = 1), hour and minute of epoch timestamps in RecFlow's time zone.
+
+    Args:
+        timestamps: int64 epoch times, any shape.
+        unit: "ms" or "s".
+    """
+    flat = pa.array(timestamps.reshape(-1), pa.int64()).cast(pa.timestamp(unit, tz=schema.TIME_ZONE))
+    parts = {"weekday": pc.day_of_week(flat), "hour": pc.hour(flat), "minute": pc.minute(flat)}
+    return {k: (v.to_numpy().astype(np.int32) + 1).reshape(timestamps.shape) for k, v in parts.items()}
+
+
+def _encode_ids(values: np.ndarray, valid: np.ndarray, count: int, where: dict) -> np.ndarray:
+    """Shift raw ids by +1 so 0 is padding, after checking they lie in [0, count)."""
+    bad = valid & ((values < 0) | (values >= count))
+    if bad.any():
+        raise DataError(f"id {values[bad][0]} outside [0, {count}) given by id_cnt.pkl", **where)
+    return np.where(valid, values + 1, 0).astype(np.int32)
+
+
+def _request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Distinct requests of an all_stage table and their request-level fields.
+
+    Returns:
+        request_ids: [R] sorted distinct request ids;
+        row_request: [rows] index into request_ids of each table row;
+        fields: request-level column -> [R] values (checked constant within each request).
+    """
+    rid = table.column("request_id").to_numpy()
+    request_ids, first_row, row_request = np.unique(rid, return_index=True, return_inverse=True)
+    if request_ids.size == 0:
+        raise DataError("table has no rows", file=path, day=day)
+    fields = {}
+    for name in schema.REQUEST_COLUMNS:
+        values = table.column(name).to_numpy()
+        per_request = values[first_row]
+        differs = values != per_request[row_request]
+        if differs.any():
+            raise DataError(
+                f"request-level value differs within request {rid[differs][0]}", file=path, day=day, column=name
+            )
+        fields[name] = per_request
+    return request_ids, row_request, fields
+
+
+def _positive_labels(
+    table: pa.Table, request_ids: np.ndarray, row_request: np.ndarray, group: str, req: np.ndarray,
+    video: np.ndarray, path: Path, day: dt.date,
+) -> np.ndarray:
+    """Graded labels of positive items (index `req` into request_ids, raw video id `video`), from all_stage."""
+    index_column = schema.POSITIVE_INDEX_COLUMN[group]
+    is_pos = table.column(group).to_numpy() == 1
+    stride = int(max(table.column("video_id").to_numpy().max(initial=0), video.max(initial=0))) + 1
+    keys = row_request[is_pos] * stride + table.column("video_id").to_numpy()[is_pos]
+    index = table.column(index_column).to_numpy()[is_pos]
+    order = np.argsort(keys, kind="stable")
+    keys, index = keys[order], index[order]
+    wanted = req * stride + video
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    found = (keys[at] == wanted) if len(keys) else np.zeros(len(wanted), bool)
+    if not found.all():
+        miss = np.flatnonzero(~found)[0]
+        raise DataError(
+            f"positive video {video[miss]} of request {request_ids[req[miss]]} in request_id_dict has no {group} row "
+            f"with a {index_column} in all_stage", file=path, day=day, column=index_column,
+        )
+    positions = index[at]
+    bad = (positions < 1) | (positions > schema.MAX_POSITIVE_INDEX)
+    if bad.any():
+        raise DataError(
+            f"{index_column} {positions[bad][0]} of a {group} item is outside 1..{schema.MAX_POSITIVE_INDEX}",
+            file=path, day=day, column=index_column,
+        )
+    return (schema.MAX_LABEL - positions).astype(np.int8)
+
+
+def build_day(
+    root: Path, day: dt.date, setting: schema.StageSetting, id_counts: dict[str, int], pad_short_groups: bool = False
+) -> pa.Table:
+    """Convert one raw day into a table of training examples (see dataset.arrow_schema).
+
+    Args:
+        root: RecFlow raw root.
+        day: the day to convert.
+        setting: 2- or 3-stage candidate layout.
+        id_counts: vocabulary sizes from id_cnt.pkl.
+        pad_short_groups: pad a group with fewer than 10 logged items (masked out) instead of failing.
+    """
+    table_path = raw.day_file(root, schema.ALL_STAGE_DIR, day)
+    table = raw.read_table(table_path, day)
+    request_ids, row_request, request_fields = _request_index(table, table_path, day)
+    num_requests, num_cand = len(request_ids), setting.num_candidates
+
+    requests = raw.load_request_dict(root, day)
+    for missing, there, here in (
+        (np.setdiff1d(request_ids, requests.request_ids), table_path, requests.path),
+        (np.setdiff1d(requests.request_ids, request_ids), requests.path, table_path),
+    ):
+        if missing.size:
+            raise DataError(
+                f"{missing.size} request(s) of {there.name} are missing from {here.parent.name}/{here.name}, "
+                f"e.g. request {missing[0]}", file=here, day=day, column="request_id",
+            )
+    entry_request = np.searchsorted(request_ids, requests.request_ids)  # [R] file order -> sorted index
+
+    cand = np.zeros((num_requests, num_cand, len(schema.REQUEST_ARRAY_COLUMNS)), np.int64)  # raw fields
+    mask = np.zeros((num_requests, num_cand), bool)
+    label = np.zeros((num_requests, num_cand), np.int8)
+    for g, group in enumerate(setting.groups):
+        rows, lengths = requests.group(group, day)
+        short = lengths < schema.GROUP_SIZE
+        if short.any() and not pad_short_groups:
+            i = np.flatnonzero(short)[0]
+            raise DataError(
+                f"request {requests.request_ids[i]} has {lengths[i]} {group} items, fewer than the "
+                f"{schema.GROUP_SIZE} a group needs (use --pad-short-groups to pad and mask them)",
+                file=requests.path, day=day, column=group,
+            )
+        row_req = np.repeat(entry_request, lengths)
+        within = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        take = within < schema.GROUP_SIZE  # research pipeline: the first 10 rows of each list
+        slot = g * schema.GROUP_SIZE + within[take]
+        cand[row_req[take], slot] = rows[take]
+        mask[row_req[take], slot] = True
+        if group in schema.POSITIVE_INDEX_COLUMN:
+            label[row_req[take], slot] = _positive_labels(
+                table, request_ids, row_request, group, row_req[take], rows[take, _ARRAY_COL["video_id"]], table_path, day
+            )
+        else:
+            label[row_req[take], slot] = schema.NEGATIVE_LABEL[group]
+
+    history = raw.load_histories(root, day, request_ids)  # [R, 50, 10]
+    hist_valid = history[:, :, _SEQ_COL["request_timestamp"]] > 0
+    seq_path = raw.day_file(root, schema.SEQ_DICT_DIR, day)
+    everyone = np.ones(num_requests, bool)
+
+    columns: dict[str, np.ndarray] = {
+        "request_id": request_ids,
+        "request_timestamp": request_fields["request_timestamp"],
+    }
+    for name in ("user_id", "device_id", "age", "gender", "province"):
+        columns[name] = _encode_ids(request_fields[name], everyone, id_counts[name],
+                                    dict(file=table_path, day=day, column=name))
+    for unit, values in time_features(request_fields["request_timestamp"], "ms").items():
+        columns[f"req_{unit}"] = values
+    for name in ("video_id", "author_id", "category_level_two", "category_level_one", "upload_type"):
+        columns[f"cand_{name}"] = _encode_ids(cand[:, :, _ARRAY_COL[name]], mask, id_counts[name],
+                                              dict(file=requests.path, day=day, column=name))
+    for unit, values in time_features(cand[:, :, _ARRAY_COL["upload_timestamp"]], "s").items():
+        columns[f"cand_upload_{unit}"] = np.where(mask, values, 0).astype(np.int32)
+    columns["cand_label"] = label
+    columns["cand_mask"] = mask.astype(np.int8)
+    for name in schema.HISTORY_FEATURES:
+        columns[f"hist_{name}"] = _encode_ids(history[:, :, _SEQ_COL[name]], hist_valid, id_counts[name],
+                                              dict(file=seq_path, day=day, column=name))
+    columns["hist_len"] = hist_valid.sum(axis=1).astype(np.int32)
+
+    # Chronological order within the day, so a reader without shuffling replays the log.
+    order = np.lexsort((request_ids, request_fields["request_timestamp"]))
+    arrow = dataset.arrow_schema(num_cand)
+    arrays = []
+    for f in arrow:
+        values = columns[f.name][order]
+        if pa.types.is_fixed_size_list(f.type):
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), f.type.value_type), f.type.list_size))
+        else:
+            arrays.append(pa.array(values, f.type))
+    return pa.Table.from_arrays(arrays, schema=arrow)
+
+
+def write_day(table: pa.Table, out: Path, day: dt.date, rows_per_file: int, force: bool) -> None:
+    """Write a day's parts into a temporary folder, then move it into place in one rename."""
+    final = dataset.day_dir(out, day)
+    tmp = out / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        for part, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+            pq.write_table(table.slice(start, rows_per_file), tmp / f"part-{part:05d}.parquet",
+                           compression="zstd", row_group_size=min(rows_per_file, 8192))
+        if final.exists() and force:
+            old = out / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+@dataclass
+class DayResult:
+    day: dt.date
+    requests: int
+    seconds: float
+    skipped: bool = False
+
+
+def convert_day(
+    src: Path, out: Path, day: dt.date, num_stages: int, id_counts: dict[str, int],
+    pad_short_groups: bool, rows_per_file: int, force: bool,
+) -> DayResult:
+    """Convert and write one day (skipped when already complete, unless force). Runs in a worker."""
+    if dataset.day_dir(out, day).exists() and not force:
+        return DayResult(day, dataset.count_requests(out, day), 0.0, skipped=True)
+    start = time.perf_counter()
+    table = build_day(src, day, schema.StageSetting(num_stages), id_counts, pad_short_groups)
+    write_day(table, out, day, rows_per_file, force)
+    return DayResult(day, table.num_rows, time.perf_counter() - start)
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    results: list[DayResult] = field(default_factory=list)
+
+    def summary(self) -> str:
+        done = [r for r in self.results if not r.skipped]
+        total = sum(r.requests for r in done)
+        busy = sum(r.seconds for r in done)
+        lines = [f"converted {len(done)} day(s), skipped {len(self.results) - len(done)} complete day(s) -> {self.out}"]
+        for r in self.results:
+            note = "skipped (complete; --force to redo)" if r.skipped else f"{r.seconds:6.2f} s, {r.requests / max(r.seconds, 1e-9):,.0f} requests/s"
+            lines.append(f"  {r.day}  {r.requests:>9,} requests  {note}")
+        if done:
+            lines.append(f"  total {total:,} requests, {total / max(busy, 1e-9):,.0f} requests/s per worker")
+        return "\n".join(lines)
+
+
+def convert(
+    src: Path,
+    out: Path,
+    num_stages: int = 2,
+    days: list[dt.date] | None = None,
+    workers: int = 1,
+    force: bool = False,
+    pad_short_groups: bool = False,
+    rows_per_file: int = 65_536,
+    progress: bool = True,
+) -> ConvertReport:
+    """Convert raw RecFlow days under `src` into a Parquet dataset at `out` and (re)write meta.json."""
+    src, out = Path(src), Path(out)
+    if num_stages not in schema.GROUPS:
+        raise ValueError(f"--stages must be one of {sorted(schema.GROUPS)}, got {num_stages}")
+    available = raw.list_days(src)
+    if days is None:
+        days = available
+    else:
+        absent = [d for d in days if d not in available]
+        if absent:
+            raise DataError(f"day {absent[0]} asked for but {schema.ALL_STAGE_DIR}/{absent[0]}.feather is absent", file=src, day=absent[0])
+    id_counts = raw.load_id_counts(src)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / schema.META_FILE).exists():
+        existing = dataset.load_meta(out)
+        if existing.num_stages != num_stages:
+            raise DataError(
+                f"dataset was converted with --stages {existing.num_stages}, not {num_stages}: use another --out",
+                file=out / schema.META_FILE, column="num_stages",
+            )
+
+    report = ConvertReport(out)
+    args = (num_stages, id_counts, pad_short_groups, rows_per_file, force)
+    bar = tqdm(total=len(days), desc="convert", unit="day", disable=not progress)
+    if workers <= 1:
+        for day in days:
+            report.results.append(convert_day(src, out, day, *args))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(convert_day, src, out, day, *args) for day in days]
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                bar.update(len(finished))
+                for future in finished:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()
+            report.results = [f.result() for f in futures]
+    bar.close()
+
+    all_days = dataset.list_days(out)
+    dataset.write_meta(out, dataset.DatasetMeta(
+        schema_version=schema.SCHEMA_VERSION,
+        num_stages=num_stages,
+        groups=list(schema.GROUPS[num_stages]),
+        group_size=schema.GROUP_SIZE,
+        num_candidates=schema.StageSetting(num_stages).num_candidates,
+        seq_len=schema.SEQ_LEN,
+        time_zone=schema.TIME_ZONE,
+        vocab_sizes=dataset.vocab_sizes(id_counts),
+        days={schema.day_name(d): dataset.count_requests(out, d) for d in all_days},
+        source=str(src.resolve()),
+    ))
+    return report

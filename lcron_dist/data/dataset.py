@@ -1,0 +1,131 @@
+"""The converted dataset on disk: day folders of Parquet parts, their Arrow schema, and meta.json.
+
+    DATASET/meta.json
+    DATASET/day=YYYY-MM-DD/part-00000.parquet ...
+
+One row is one request. Per-candidate and per-history-position fields are fixed-size lists, so a
+batch maps to [B, N] / [B, 50] tensors with a reshape of the Arrow buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lcron_dist.data import schema
+from lcron_dist.data.errors import DataError
+
+DAY_PREFIX = "day="
+
+
+def arrow_schema(num_candidates: int) -> pa.Schema:
+    """Arrow schema of a converted day with `num_candidates` candidates per request."""
+    ids = pa.int32()
+    fields = [pa.field("request_id", pa.int64()), pa.field("request_timestamp", pa.int64())]
+    fields += [pa.field(name, ids) for name in schema.USER_FEATURES]
+    fields += [pa.field(f"cand_{name}", pa.list_(ids, num_candidates)) for name in schema.ITEM_FEATURES]
+    fields += [
+        pa.field("cand_label", pa.list_(pa.int8(), num_candidates)),
+        pa.field("cand_mask", pa.list_(pa.int8(), num_candidates)),
+    ]
+    fields += [pa.field(f"hist_{name}", pa.list_(ids, schema.SEQ_LEN)) for name in schema.HISTORY_FEATURES]
+    fields.append(pa.field("hist_len", ids))
+    return pa.schema(fields)
+
+
+def day_dir(root: Path, day: dt.date) -> Path:
+    return Path(root) / f"{DAY_PREFIX}{schema.day_name(day)}"
+
+
+def list_days(root: Path) -> list[dt.date]:
+    """Complete days of a dataset (temporary folders of unfinished writes start with '.')."""
+    days = []
+    for path in Path(root).glob(f"{DAY_PREFIX}*"):
+        try:
+            days.append(schema.parse_day(path.name[len(DAY_PREFIX):]))
+        except ValueError:
+            raise DataError("day folder name is not day=YYYY-MM-DD", file=path) from None
+    return sorted(days)
+
+
+def day_files(root: Path, day: dt.date) -> list[Path]:
+    """The Parquet parts of a day, in order."""
+    folder = day_dir(root, day)
+    files = sorted(folder.glob("part-*.parquet"))
+    if not files:
+        raise DataError("day folder has no part-*.parquet file", file=folder, day=day)
+    return files
+
+
+def count_requests(root: Path, day: dt.date) -> int:
+    """Requests of a day, from the Parquet footers (no data read)."""
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in day_files(root, day))
+
+
+@dataclass
+class DatasetMeta:
+    """Contents of meta.json: everything a reader needs to know without opening a Parquet file."""
+
+    schema_version: int
+    num_stages: int
+    groups: list[str]
+    group_size: int
+    num_candidates: int
+    seq_len: int
+    time_zone: str
+    vocab_sizes: dict[str, int]
+    """Rows each embedding table needs per field: raw id count + 1 (0 is padding), time fields 1-based."""
+    days: dict[str, int]
+    """Day (YYYY-MM-DD) -> number of requests, chronological."""
+    source: str = ""
+
+    @property
+    def day_list(self) -> list[dt.date]:
+        return [schema.parse_day(day) for day in self.days]
+
+    @property
+    def setting(self) -> schema.StageSetting:
+        return schema.StageSetting(self.num_stages)
+
+
+def vocab_sizes(id_counts: dict[str, int]) -> dict[str, int]:
+    """Table rows per encoded feature: ids shifted by +1 (0 = padding), time features 1-based."""
+    sizes = {name: count + 1 for name, count in id_counts.items()}
+    for prefix in ("req", "upload"):
+        for unit, size in schema.TIME_VOCAB.items():
+            sizes[f"{prefix}_{unit}"] = size
+    return sizes
+
+
+def write_meta(root: Path, meta: DatasetMeta) -> None:
+    """Write meta.json atomically."""
+    path = Path(root) / schema.META_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_meta(root: Path) -> DatasetMeta:
+    """Read and check meta.json of a converted dataset."""
+    path = Path(root) / schema.META_FILE
+    if not path.is_file():
+        raise DataError("meta.json is missing: not a converted dataset (run `lcron-data convert`)", file=path)
+    try:
+        meta = DatasetMeta(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise DataError(f"not a valid meta.json: {exc}", file=path) from None
+    if meta.schema_version != schema.SCHEMA_VERSION:
+        raise DataError(
+            f"schema version {meta.schema_version}, this code reads {schema.SCHEMA_VERSION}: convert again",
+            file=path, column="schema_version",
+        )
+    if meta.num_stages not in schema.GROUPS or list(schema.GROUPS[meta.num_stages]) != meta.groups:
+        raise DataError(f"unknown stage setting {meta.num_stages} with groups {meta.groups}", file=path, column="groups")
+    return meta

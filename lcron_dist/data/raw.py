@@ -1,0 +1,166 @@
+"""Reading RecFlow's raw files exactly as published, with format checks that name what is wrong.
+
+A day is four files (all_stage and realshow feather tables, request_id_dict and seq_effective_50_dict
+pickles) plus the dataset-wide others/id_cnt.pkl. This module only loads and type-checks them; the
+converter and the validator decide what to do with the content.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import operator
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+
+from lcron_dist.data import schema
+from lcron_dist.data.errors import DataError
+
+
+def day_file(root: Path, folder: str, day: dt.date) -> Path:
+    """Path of one day's raw file in `folder` (feather for tables, pickle for dicts)."""
+    suffix = ".feather" if folder in (schema.ALL_STAGE_DIR, schema.REALSHOW_DIR) else ".pkl"
+    return Path(root) / folder / f"{schema.day_name(day)}{suffix}"
+
+
+def list_days(root: Path) -> list[dt.date]:
+    """Days present in a raw root, judged by all_stage/*.feather, in chronological order."""
+    folder = Path(root) / schema.ALL_STAGE_DIR
+    if not folder.is_dir():
+        raise DataError(f"not a RecFlow raw root: folder {schema.ALL_STAGE_DIR}/ is missing", file=root)
+    days = []
+    for path in folder.glob("*.feather"):
+        try:
+            days.append(schema.parse_day(path.stem))
+        except ValueError:
+            raise DataError("file name is not YYYY-MM-DD.feather", file=path) from None
+    if not days:
+        raise DataError("no day files (YYYY-MM-DD.feather) found", file=folder)
+    return sorted(days)
+
+
+def _load_pickle(path: Path, day: dt.date | None) -> Any:
+    if not path.is_file():
+        raise DataError("file is missing", file=path, day=day)
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"not a readable pickle (truncated or corrupt?): {exc}", file=path, day=day) from None
+
+
+def load_id_counts(root: Path) -> dict[str, int]:
+    """Vocabulary sizes from others/id_cnt.pkl, keyed by our field names (aliases resolved)."""
+    path = Path(root) / schema.ID_CNT_PATH
+    raw = _load_pickle(path, None)
+    if not isinstance(raw, dict):
+        raise DataError(f"expected a dict {{field: count}}, got {type(raw).__name__}", file=path)
+    counts: dict[str, int] = {}
+    for key, value in raw.items():
+        name = schema.ID_CNT_ALIASES.get(key, str(key).strip())
+        if name in counts and counts[name] != int(value):
+            raise DataError(f"aliases disagree: {counts[name]} vs {value} for key {key!r}", file=path, column=name)
+        counts[name] = int(value)
+    for name in schema.ID_FIELDS:
+        if name not in counts:
+            raise DataError("field missing from id_cnt.pkl (it must give every id field's count)", file=path, column=name)
+        if counts[name] <= 0:
+            raise DataError(f"count must be positive, got {counts[name]}", file=path, column=name)
+    return {name: counts[name] for name in schema.ID_FIELDS}
+
+
+def read_table(path: Path, day: dt.date, columns: tuple[str, ...] = schema.ALL_STAGE_COLUMNS) -> pa.Table:
+    """Read `columns` of an all_stage/realshow feather file, checking presence and int64 type."""
+    if not path.is_file():
+        raise DataError("file is missing", file=path, day=day)
+    try:
+        table = feather.read_table(path, columns=None, memory_map=False)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"not a readable Arrow IPC (feather) file (truncated or corrupt?): {exc}", file=path, day=day) from None
+    for name in columns:
+        if name not in table.column_names:
+            raise DataError("column is missing", file=path, day=day, column=name)
+        if table.schema.field(name).type != pa.int64():
+            raise DataError(f"expected type int64, found {table.schema.field(name).type}", file=path, day=day, column=name)
+    return table.select(list(columns))
+
+
+@dataclass
+class RequestDict:
+    """One day of request_id_dict, flattened for vectorised use.
+
+    Attributes:
+        path: the pickle it came from.
+        request_ids: [R] int64 keys in file order.
+        entries: per request, {stage_label: int64 array [n, 8]}, in the same order.
+    """
+
+    path: Path
+    request_ids: np.ndarray
+    entries: list[dict[str, np.ndarray]]
+
+    def group(self, label: str, day: dt.date) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenate one stage label's arrays over all requests.
+
+        Returns:
+            rows: [sum n, 8] int64, the requests' arrays one after another (file order);
+            lengths: [R] int64, rows per request.
+        """
+        try:
+            arrays = list(map(operator.itemgetter(label), self.entries))
+        except KeyError:
+            missing = next(rid for rid, entry in zip(self.request_ids, self.entries) if label not in entry)
+            raise DataError(f"request {missing} has no {label!r} list", file=self.path, day=day, column=label) from None
+        except TypeError:
+            raise DataError("values must be dicts {stage_label: array}", file=self.path, day=day) from None
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        try:
+            rows = np.concatenate(arrays) if arrays else np.zeros((0, len(schema.REQUEST_ARRAY_COLUMNS)), np.int64)
+        except ValueError as exc:
+            raise DataError(f"arrays must all be [n, 8]: {exc}", file=self.path, day=day, column=label) from None
+        if rows.ndim != 2 or rows.shape[1] != len(schema.REQUEST_ARRAY_COLUMNS) or rows.dtype.kind not in "iu":
+            raise DataError(
+                f"arrays must be integer [n, {len(schema.REQUEST_ARRAY_COLUMNS)}], got {rows.dtype} {rows.shape[1:]}",
+                file=self.path, day=day, column=label,
+            )
+        return rows.astype(np.int64, copy=False), lengths
+
+
+def load_request_dict(root: Path, day: dt.date) -> RequestDict:
+    """Load request_id_dict/DAY.pkl."""
+    path = day_file(root, schema.REQUEST_DICT_DIR, day)
+    data = _load_pickle(path, day)
+    if not isinstance(data, dict):
+        raise DataError(f"expected a dict {{request_id: {{stage_label: array}}}}, got {type(data).__name__}", file=path, day=day)
+    return RequestDict(path, np.fromiter(data.keys(), dtype=np.int64, count=len(data)), list(data.values()))
+
+
+def load_histories(root: Path, day: dt.date, request_ids: np.ndarray) -> np.ndarray:
+    """Histories of `request_ids` from seq_effective_50_dict/DAY.pkl, as int64 [R, 50, 10]."""
+    path = day_file(root, schema.SEQ_DICT_DIR, day)
+    data = _load_pickle(path, day)
+    if not isinstance(data, dict):
+        raise DataError(f"expected a dict {{request_id: array [50, 10]}}, got {type(data).__name__}", file=path, day=day)
+    keys = np.fromiter(data.keys(), dtype=np.int64, count=len(data))
+    missing = np.setdiff1d(request_ids, keys)
+    if missing.size:
+        raise DataError(
+            f"{missing.size} request(s) have no history entry, e.g. request {missing[0]} (every request needs a key)",
+            file=path, day=day,
+        )
+    try:
+        stacked = np.stack(list(map(data.__getitem__, request_ids.tolist())))
+    except ValueError as exc:
+        raise DataError(f"histories must all be [{schema.SEQ_LEN}, {len(schema.SEQ_COLUMNS)}]: {exc}", file=path, day=day) from None
+    expected = (len(request_ids), schema.SEQ_LEN, len(schema.SEQ_COLUMNS))
+    if stacked.shape != expected or stacked.dtype.kind not in "iu":
+        raise DataError(
+            f"histories must be integer [{schema.SEQ_LEN}, {len(schema.SEQ_COLUMNS)}], got {stacked.dtype} {stacked.shape[1:]}",
+            file=path, day=day,
+        )
+    return stacked.astype(np.int64, copy=False)

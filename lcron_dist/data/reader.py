@@ -1,0 +1,131 @@
+"""The local reader: a converted day -> batches for one rank, with no per-request Python work.
+
+Batches are planned globally: a day (shuffled by seed, or in log order for evaluation) is cut into
+global batches of batch_size × world_size requests, and each global batch is split evenly across
+ranks. Every rank therefore takes the same number of steps, every request is used exactly once per
+pass, and a W-rank run sees, step by step, the same requests as a 1-rank run with a W× larger batch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lcron_dist.data import dataset, schema
+from lcron_dist.data.batch import Batch
+from lcron_dist.data.dataset import DatasetMeta
+from lcron_dist.data.errors import DataError
+
+DayArrays = dict[str, np.ndarray]
+"""A day as numpy arrays: [R] per request, [R, N] per candidate, [R, L] per history position."""
+
+
+def table_to_arrays(table: pa.Table) -> DayArrays:
+    """Map each column of a converted table to a numpy array, sharing the Arrow buffers where possible."""
+    arrays: DayArrays = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(column.type):
+            arrays[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+        else:
+            arrays[name] = column.to_numpy(zero_copy_only=False)
+    return arrays
+
+
+def load_day(root: Path, day: dt.date, meta: DatasetMeta) -> DayArrays:
+    """Read one converted day into memory, checking its schema."""
+    expected = dataset.arrow_schema(meta.num_candidates)
+    try:
+        table = pq.read_table(dataset.day_files(root, day), schema=expected)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"unreadable or not of the converted schema: {exc}", file=dataset.day_dir(root, day), day=day) from None
+    return table_to_arrays(table)
+
+
+def plan_batches(
+    num_requests: int, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int, day: dt.date
+) -> list[np.ndarray]:
+    """Row indices of this rank's batches for one day.
+
+    Args:
+        num_requests: requests in the day.
+        batch_size: requests per rank and step.
+        rank, world_size: this rank and the number of ranks.
+        shuffle: permute the day by (seed, day); False keeps log order (evaluation).
+        seed: shuffle seed, the same on every rank.
+        day: the day (mixed into the shuffle so each day has its own order).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = (np.random.default_rng([seed, day.toordinal()]).permutation(num_requests)
+             if shuffle else np.arange(num_requests))
+    global_size = batch_size * world_size
+    starts = list(range(0, num_requests, global_size))
+    # A tail too small to give every rank a request joins the previous global batch.
+    if len(starts) > 1 and num_requests - starts[-1] < world_size:
+        starts.pop()
+    ends = starts[1:] + [num_requests]
+    return [np.array_split(order[s:e], world_size)[rank] for s, e in zip(starts, ends)]
+
+
+def make_batch(arrays: DayArrays, rows: np.ndarray, group_size: int = schema.GROUP_SIZE) -> Batch:
+    """Gather `rows` of a day into a Batch (numpy fancy indexing; one copy per field)."""
+
+    def stack(names: list[str]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([arrays[name][rows] for name in names]).astype(np.int64))
+
+    mask = torch.from_numpy(arrays["cand_mask"][rows] != 0)
+    target = mask.clone()
+    target[:, group_size:] = False
+    return Batch(
+        request_id=torch.from_numpy(arrays["request_id"][rows]),
+        user=stack(list(schema.USER_FEATURES)),
+        item=stack([f"cand_{name}" for name in schema.ITEM_FEATURES]),
+        history=stack([f"hist_{name}" for name in schema.HISTORY_FEATURES]),
+        hist_len=torch.from_numpy(arrays["hist_len"][rows].astype(np.int64)),
+        label=torch.from_numpy(arrays["cand_label"][rows].astype(np.int64)),
+        mask=mask,
+        target=target,
+    )
+
+
+class LocalReader:
+    """Reads a converted dataset from local or mounted storage, one day at a time.
+
+    Args:
+        root: the dataset folder (holding meta.json).
+        batch_size: requests per rank and step.
+        rank, world_size: this rank's share of every day.
+        seed: shuffle seed.
+    """
+
+    def __init__(self, root: Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        self.root = Path(root)
+        self.meta = dataset.load_meta(self.root)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+
+    def num_batches(self, day: dt.date) -> int:
+        """Steps this rank takes on `day` (the same on every rank)."""
+        return len(plan_batches(self._num_requests(day), self.batch_size, self.rank, self.world_size, False, 0, day))
+
+    def _num_requests(self, day: dt.date) -> int:
+        name = schema.day_name(day)
+        if name not in self.meta.days:
+            raise DataError(f"day {name} is not in the dataset (it has {', '.join(self.meta.days)})",
+                            file=self.root / schema.META_FILE, day=day)
+        return self.meta.days[name]
+
+    def iter_day(self, day: dt.date, shuffle: bool) -> Iterator[Batch]:
+        """This rank's batches of `day`; shuffle for training, log order for evaluation."""
+        arrays = load_day(self.root, day, self.meta)
+        rows = plan_batches(len(arrays["request_id"]), self.batch_size, self.rank, self.world_size, shuffle, self.seed, day)
+        for batch_rows in rows:
+            yield make_batch(arrays, batch_rows, self.meta.group_size)
