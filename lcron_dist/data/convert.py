@@ -41,6 +41,12 @@ def time_features(timestamps: np.ndarray, unit: str) -> dict[str, np.ndarray]:
     return {k: (v.to_numpy().astype(np.int32) + 1).reshape(timestamps.shape) for k, v in parts.items()}
 
 
+def on_day(timestamps_ms: np.ndarray, day: dt.date) -> np.ndarray:
+    """Whether each epoch time (ms) falls on `day` in RecFlow's time zone."""
+    local = pc.local_timestamp(pa.array(timestamps_ms, pa.int64()).cast(pa.timestamp("ms", tz=schema.TIME_ZONE)))
+    return local.cast(pa.date32()).to_numpy(zero_copy_only=False) == np.datetime64(day.isoformat())
+
+
 def _encode_ids(values: np.ndarray, valid: np.ndarray, count: int, where: dict) -> np.ndarray:
     """Shift raw ids by +1 so 0 is padding, after checking they lie in [0, count)."""
     bad = valid & ((values < 0) | (values >= count))
@@ -49,7 +55,7 @@ def _encode_ids(values: np.ndarray, valid: np.ndarray, count: int, where: dict) 
     return np.where(valid, values + 1, 0).astype(np.int32)
 
 
-def _request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Distinct requests of an all_stage table and their request-level fields.
 
     Returns:
@@ -118,8 +124,10 @@ def build_day(
         pad_short_groups: pad a group with fewer than 10 logged items (masked out) instead of failing.
     """
     table_path = raw.day_file(root, schema.ALL_STAGE_DIR, day)
-    table = raw.read_table(table_path, day)
-    request_ids, row_request, request_fields = _request_index(table, table_path, day)
+    columns_needed = ("request_id", *schema.REQUEST_COLUMNS, "video_id", *[
+        c for g in setting.groups if g in schema.POSITIVE_INDEX_COLUMN for c in (g, schema.POSITIVE_INDEX_COLUMN[g])])
+    table = raw.read_table(table_path, day, columns_needed)
+    request_ids, row_request, request_fields = request_index(table, table_path, day)
     num_requests, num_cand = len(request_ids), setting.num_candidates
 
     requests = raw.load_request_dict(root, day)

@@ -75,19 +75,23 @@ def load_id_counts(root: Path) -> dict[str, int]:
 
 
 def read_table(path: Path, day: dt.date, columns: tuple[str, ...] = schema.ALL_STAGE_COLUMNS) -> pa.Table:
-    """Read `columns` of an all_stage/realshow feather file, checking presence and int64 type."""
+    """Read `columns` of an all_stage/realshow feather file, checking presence and int64 type.
+
+    Only the asked-for columns are read: a real all_stage day holds ~30 M rows.
+    """
     if not path.is_file():
         raise DataError("file is missing", file=path, day=day)
     try:
-        table = feather.read_table(path, columns=None, memory_map=False)
+        with pa.memory_map(str(path)) as source:
+            file_schema = pa.ipc.open_file(source).schema
+        for name in columns:
+            if name not in file_schema.names:
+                raise DataError("column is missing", file=path, day=day, column=name)
+            if file_schema.field(name).type != pa.int64():
+                raise DataError(f"expected type int64, found {file_schema.field(name).type}", file=path, day=day, column=name)
+        return feather.read_table(path, columns=list(columns), memory_map=True)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"not a readable Arrow IPC (feather) file (truncated or corrupt?): {exc}", file=path, day=day) from None
-    for name in columns:
-        if name not in table.column_names:
-            raise DataError("column is missing", file=path, day=day, column=name)
-        if table.schema.field(name).type != pa.int64():
-            raise DataError(f"expected type int64, found {table.schema.field(name).type}", file=path, day=day, column=name)
-    return table.select(list(columns))
 
 
 @dataclass
@@ -153,14 +157,16 @@ def load_histories(root: Path, day: dt.date, request_ids: np.ndarray) -> np.ndar
             f"{missing.size} request(s) have no history entry, e.g. request {missing[0]} (every request needs a key)",
             file=path, day=day,
         )
+    arrays = list(map(data.__getitem__, request_ids.tolist()))
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
     try:
-        stacked = np.stack(list(map(data.__getitem__, request_ids.tolist())))
-    except ValueError as exc:
-        raise DataError(f"histories must all be [{schema.SEQ_LEN}, {len(schema.SEQ_COLUMNS)}]: {exc}", file=path, day=day) from None
-    expected = (len(request_ids), schema.SEQ_LEN, len(schema.SEQ_COLUMNS))
-    if stacked.shape != expected or stacked.dtype.kind not in "iu":
+        # concatenate + reshape: np.stack would add a Python-level step per request.
+        stacked = np.concatenate(arrays).reshape(len(arrays), schema.SEQ_LEN, -1) if np.all(lengths == schema.SEQ_LEN) else None
+    except ValueError:
+        stacked = None
+    if stacked is None or stacked.shape[2] != len(schema.SEQ_COLUMNS) or stacked.dtype.kind not in "iu":
         raise DataError(
-            f"histories must be integer [{schema.SEQ_LEN}, {len(schema.SEQ_COLUMNS)}], got {stacked.dtype} {stacked.shape[1:]}",
+            f"histories must all be integer arrays [{schema.SEQ_LEN}, {len(schema.SEQ_COLUMNS)}]",
             file=path, day=day,
         )
     return stacked.astype(np.int64, copy=False)

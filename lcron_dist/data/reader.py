@@ -42,7 +42,7 @@ def load_day(root: Path, day: dt.date, meta: DatasetMeta) -> DayArrays:
     """Read one converted day into memory, checking its schema."""
     expected = dataset.arrow_schema(meta.num_candidates)
     try:
-        table = pq.read_table(dataset.day_files(root, day), schema=expected)
+        table = pq.read_table(dataset.day_files(root, day), schema=expected, partitioning=None)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"unreadable or not of the converted schema: {exc}", file=dataset.day_dir(root, day), day=day) from None
     return table_to_arrays(table)

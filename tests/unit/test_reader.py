@@ -1,0 +1,111 @@
+"""The batch reader: rank partitioning, batch contents against the Parquet rows, KeyedJaggedTensors."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+
+from lcron_dist.data import dataset, schema
+from lcron_dist.data.reader import LocalReader, plan_batches
+
+DAY = dt.date(2024, 2, 4)
+
+
+@pytest.mark.parametrize("num_requests", [1, 7, 64, 65, 129, 1000])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_plan_uses_every_request_once_with_equal_steps(num_requests: int, world_size: int, shuffle: bool) -> None:
+    if num_requests < world_size:
+        pytest.skip("fewer requests than ranks")
+    plans = [plan_batches(num_requests, 32, r, world_size, shuffle, 7, DAY) for r in range(world_size)]
+    assert len({len(p) for p in plans}) == 1, "every rank takes the same number of steps"
+    rows = np.concatenate([b for p in plans for b in p])
+    assert np.array_equal(np.sort(rows), np.arange(num_requests))
+    assert all(len(b) > 0 for p in plans for b in p), "no rank gets an empty batch"
+
+
+def test_two_ranks_see_the_global_batches_of_one_rank() -> None:
+    one = plan_batches(1000, 64, 0, 1, True, 3, DAY)
+    two = [plan_batches(1000, 32, r, 2, True, 3, DAY) for r in range(2)]
+    assert len(one) == len(two[0])
+    for step, rows in enumerate(one):
+        assert np.array_equal(np.sort(rows), np.sort(np.concatenate([two[0][step], two[1][step]])))
+
+
+def test_shuffle_depends_on_seed_and_day_only() -> None:
+    a = np.concatenate(plan_batches(500, 50, 0, 1, True, 1, DAY))
+    assert np.array_equal(a, np.concatenate(plan_batches(500, 50, 0, 1, True, 1, DAY)))
+    assert not np.array_equal(a, np.concatenate(plan_batches(500, 50, 0, 1, True, 2, DAY)))
+    assert not np.array_equal(a, np.concatenate(plan_batches(500, 50, 0, 1, True, 1, DAY - dt.timedelta(1))))
+    assert np.array_equal(np.concatenate(plan_batches(500, 50, 0, 1, False, 1, DAY)), np.arange(500))
+
+
+def test_batches_hold_the_parquet_rows(tiny_dataset: Path) -> None:
+    reader = LocalReader(tiny_dataset, batch_size=16, seed=5)
+    meta = reader.meta
+    day = meta.day_list[-1]
+    table = pq.read_table(dataset.day_files(tiny_dataset, day), partitioning=None).to_pandas().set_index("request_id")
+    batches = list(reader.iter_day(day, shuffle=True))
+    assert len(batches) == reader.num_batches(day)
+    b = batches[1]
+    n = meta.num_candidates
+    assert b.item.shape == (len(schema.ITEM_FEATURES), b.size, n)
+    assert b.history.shape == (len(schema.HISTORY_FEATURES), b.size, schema.SEQ_LEN)
+    assert b.user.shape == (len(schema.USER_FEATURES), b.size)
+    assert b.item.dtype == torch.int64 and b.mask.dtype == torch.bool
+    for j, rid in enumerate(b.request_id.tolist()):
+        row = table.loc[rid]
+        assert b.user[:, j].tolist() == [row[f] for f in schema.USER_FEATURES]
+        assert b.item[:, j].tolist() == [list(row[f"cand_{f}"]) for f in schema.ITEM_FEATURES]
+        assert b.history[:, j].tolist() == [list(row[f"hist_{f}"]) for f in schema.HISTORY_FEATURES]
+        assert b.label[j].tolist() == list(row.cand_label)
+        assert b.mask[j].tolist() == [bool(m) for m in row.cand_mask]
+        assert b.target[j].tolist() == [bool(m) and i < 10 for i, m in enumerate(row.cand_mask)]
+        assert b.hist_len[j] == row.hist_len
+    seen = torch.cat([x.request_id for x in batches])
+    assert sorted(seen.tolist()) == sorted(table.index.tolist())
+
+
+def test_ranks_split_evaluation_exactly(tiny_dataset: Path) -> None:
+    meta = dataset.load_meta(tiny_dataset)
+    day = meta.day_list[-1]
+    per_rank = [
+        torch.cat([b.request_id for b in LocalReader(tiny_dataset, 24, rank=r, world_size=2).iter_day(day, shuffle=False)])
+        for r in range(2)
+    ]
+    assert not set(per_rank[0].tolist()) & set(per_rank[1].tolist())
+    assert len(per_rank[0]) + len(per_rank[1]) == meta.days[day.isoformat()]
+
+
+def test_unknown_day_is_a_clear_error(tiny_dataset: Path) -> None:
+    with pytest.raises(ValueError, match="day 2020-01-01 is not in the dataset"):
+        LocalReader(tiny_dataset, 8).num_batches(dt.date(2020, 1, 1))
+
+
+def test_keyed_jagged_tensors_feed_torchrec(tiny_dataset: Path) -> None:
+    reader = LocalReader(tiny_dataset, batch_size=8)
+    meta = reader.meta
+    batch = next(reader.iter_day(meta.day_list[0], shuffle=False))
+    items = batch.item_kjt()
+    assert items.keys() == list(schema.ITEM_FEATURES)
+    assert items.stride() == batch.size * meta.num_candidates
+    assert torch.equal(items["author_id"].values(), batch.item[1].reshape(-1))
+    hist = batch.history_kjt()
+    assert hist.stride() == batch.size
+    assert torch.equal(hist["video_id"].lengths(), torch.full((batch.size,), schema.SEQ_LEN, dtype=torch.int32))
+
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=meta.vocab_sizes[f], feature_names=[f],
+                           pooling=PoolingType.SUM)
+        for f in schema.USER_FEATURES
+    ]
+    ebc = EmbeddingBagCollection(tables=tables)
+    pooled = ebc(batch.user_kjt())
+    weight = dict(ebc.named_parameters())["embedding_bags.t_province.weight"]
+    assert torch.equal(pooled["province"], weight[batch.user[schema.USER_FEATURES.index("province")]])
