@@ -45,21 +45,33 @@ class Batch:
     def pin_memory(self) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
-    def user_kjt(self) -> KeyedJaggedTensor:
-        """Per-request features: stride B, one id per feature and request."""
-        return _fixed_length_kjt(schema.USER_FEATURES, self.user, 1)
+    @property
+    def num_slots(self) -> int:
+        """Embedding slots per request: max(N, L), so candidates and history share one layout."""
+        return max(self.item.shape[-1], self.history.shape[-1])
 
-    def item_kjt(self) -> KeyedJaggedTensor:
-        """Per-candidate features: stride B·N (candidate-major within a request), one id each."""
-        return _fixed_length_kjt(schema.ITEM_FEATURES, self.item, 1)
+    def id_features(self) -> KeyedJaggedTensor:
+        """Every id feature in one KeyedJaggedTensor of stride B·M (M = num_slots).
 
-    def history_kjt(self) -> KeyedJaggedTensor:
-        """History features: stride B, L ids per request (padding id 0 kept, so [B, L] is a reshape)."""
-        return _fixed_length_kjt(schema.HISTORY_FEATURES, self.history, self.history.shape[-1])
-
-
-def _fixed_length_kjt(keys: tuple[str, ...], ids: torch.Tensor, length: int) -> KeyedJaggedTensor:
-    """A KeyedJaggedTensor over feature-major `ids` [F, ...] where every bag has `length` ids."""
-    values = ids.reshape(-1)
-    lengths = torch.full((values.numel() // length,), length, dtype=torch.int32, device=ids.device)
-    return KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths)
+        Each request owns M consecutive bags per feature, each holding one id or none: user features
+        fill slot 0, candidate features (cand_*) slots 0..N-1, history features (hist_*) slots 0..L-1.
+        An EmbeddingBagCollection then returns, per feature, a [B·M, D] tensor that is a [B, M, D]
+        view, and candidate and history features of the same kind can share one table (one module,
+        one stride), whichever sharding TorchRec applies.
+        """
+        b, m = self.size, self.num_slots
+        device = self.item.device
+        slot = torch.arange(m, device=device)
+        parts = [
+            (schema.USER_FEATURES, self.user, 1),
+            (tuple(f"cand_{name}" for name in schema.ITEM_FEATURES), self.item, self.item.shape[-1]),
+            (tuple(f"hist_{name}" for name in schema.HISTORY_FEATURES), self.history, self.history.shape[-1]),
+        ]
+        keys: list[str] = []
+        values, lengths = [], []
+        for names, ids, used in parts:
+            keys += names
+            values.append(ids.reshape(-1))
+            # [F, B, M]: 1 where the slot holds an id; bags are consecutive per feature, then request.
+            lengths.append((slot < used).to(torch.int32).expand(len(names), b, m).reshape(-1))
+        return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))

@@ -109,6 +109,12 @@ GROUPS: dict[int, tuple[str, ...]] = {
 }
 """Candidate groups per stage setting, in candidate order; the first group is the ground truth."""
 
+SERVING_QUOTAS: dict[int, tuple[int, ...]] = {2: (30, 20), 3: (40, 30, 20)}
+"""Items each stage keeps when serving, in cascade order; also each stage's m in Recall@10@m."""
+
+TOP_K = 10
+"""K of the golden metric: |ground truth| = one full group."""
+
 POSITIVE_INDEX_COLUMN: dict[str, str] = {"rank_pos": "rank_index", "rerank_pos": "rerank_index"}
 """all_stage column holding the 1-based position of a positive group's items."""
 

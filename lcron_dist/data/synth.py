@@ -7,8 +7,7 @@ by day, requests go through a simulated production funnel (multi-channel retriev
 through the same code path as the real files (RECFLOW.md, last section).
 
 All work is vectorised numpy over chunks of requests. Random draws come from generators seeded by
-(seed, purpose, day[, chunk]) and the chunk size is a constant, not a knob, so a config always yields
-the same bytes.
+(seed, purpose, day[, draw site]), so a config always yields the same bytes, whatever the chunk size.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import json
 import os
 import pickle
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ REPORT_PATH = "others/synth_report.json"
 SERVING_QUOTAS: dict[int, tuple[int, ...]] = {2: (30, 20), 3: (40, 30, 20)}
 """Items each stage keeps when the joint recall is measured (METHOD.md section 7)."""
 
-_CHUNK = 2048  # requests simulated at once: bounds memory ([C, P, D] float32 ≈ 50 MB)
+_CHUNK = 2048  # requests simulated at once: bounds memory ([C, P, D] float32 ≈ 50 MB), not the output
 _WORLD, _REQUESTS, _FUNNEL, _FEEDBACK = range(4)  # seed purposes
 _RANK_KEEP = schema.MAX_POSITIVE_INDEX  # the ranking stage passes 20 items on to re-ranking
 _GROUP = {label: schema.LOGGED_PER_REQUEST[label][1] for label in schema.STAGE_LABELS}
@@ -52,16 +52,18 @@ _NUM_UPLOAD_TYPES = schema.RECFLOW_ID_COUNTS["upload_type"]
 # Hidden utility = interest + intent + quality + context; every term has std ≈ 1 over random items.
 _HIERARCHY_NOISE = (0.7, 0.5, 0.4)  # std of category_two | category_one, author | category_two, video | author
 _INTEREST_SHARPNESS = 2.0  # how peaked a user's long-term category preference is
-_W_INTENT, _W_QUALITY, _W_CONTEXT = 1.5, 0.5, 0.3  # intent dominates, so the last views matter most
+_W_INTENT, _W_QUALITY, _W_CONTEXT = 2.0, 0.5, 0.3  # intent dominates, so the last views matter most
 # Production stages see the utility differently; the differences are the selection bias.
 _PRERANK_POPULARITY = 0.6  # the cheap pre-ranker leans on popularity and knows neither intent nor context
 _RERANK_POPULARITY = -0.8  # re-rank pushes fresh, less popular items: the reverse of pre-rank
 _RERANK_BOOSTED_TYPES, _RERANK_BOOST = 5, 1.0  # business boost of a few upload types
-_DIVERSITY_PENALTY = 0.7  # per better-placed item of the same category_level_two
+_DIVERSITY_PENALTY = 0.4  # per better-placed item of the same category_level_two
 # Retrieval channels' shares of the pool; the rest is a uniform long tail.
 _CHANNELS = {"interest": 0.35, "intent": 0.2, "recent": 0.15, "popular": 0.15}
 _RECENT_VIEWS = 5  # the "recent" channel expands the user's last views (yesterday's feature snapshot)
-_WATCH_OFFSET, _WATCH_NOISE = 2.5, 0.8  # watch fraction = sigmoid(utility - offset + noise)
+_GOLDEN = (np.sqrt(5) - 1) / 2  # step of the Weyl sequence that replaces repeated pool videos
+_WATCH_OFFSET, _WATCH_NOISE = 4.0, 0.8  # watch fraction = sigmoid(utility - offset + noise): ~60% effective
+_INTERACTION_OFFSETS = {"like": 7.5, "comment": 8.5, "forward": 9.0, "follow": 9.5}  # rarer and rarer (5% .. 1%)
 
 
 @dataclass
@@ -106,8 +108,6 @@ class SynthConfig:
         for name in ("days", "requests_per_day", "num_users", "num_devices", "num_authors", "latent_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SynthConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.requests_per_day > 1_000_000:
-            raise ValueError(f"SynthConfig.requests_per_day must be <= 1,000,000, got {self.requests_per_day}")
         funnel = [
             ("pool_size", self.pool_size, "prerank_keep", self.prerank_keep, _GROUP["prerank_neg"]),
             ("prerank_keep", self.prerank_keep, "coarse_keep", self.coarse_keep, _GROUP["coarse_neg"]),
@@ -155,15 +155,21 @@ class SynthReport:
     """What generate() wrote, how fast, and how hard its hidden cascade is."""
 
     config: SynthConfig
+    """The config that generated the twin."""
     out_root: Path
+    """The raw root written."""
     requests: int
+    """Requests over all days."""
     all_stage_rows: int
+    """Rows of all_stage over all days."""
     realshow_rows: int
+    """Rows of realshow over all days."""
     effective_view_rate: float
     """Share of realshow rows with effective_view == 1."""
     joint_recall: dict[str, dict[str, float]]
     """Last day's joint recall {'2-stage' | '3-stage': {'random': r, 'noise_free': r}} (METHOD.md §7)."""
     seconds: float
+    """Wall time of generate()."""
 
     @property
     def requests_per_s(self) -> float:
@@ -183,12 +189,12 @@ class SynthReport:
             f"  {len(days)} day(s) {days[0]} .. {days[-1]}: {self.requests:,} requests, {self.all_stage_rows:,} "
             f"all_stage rows, {self.realshow_rows:,} realshow rows ({self.effective_view_rate:.1%} effective views)",
             f"  generated in {self.seconds:.1f} s ({self.requests_per_s:,.0f} requests/s)",
-            f"  joint recall on {days[-1]}       random  noise-free production score",
+            f"  joint recall on {days[-1]}:              random  noise-free production score",
         ]
-        for setting, quotas in zip(self.joint_recall, SERVING_QUOTAS.values()):
-            recall = self.joint_recall[setting]
-            flow = " -> ".join(map(str, quotas))
-            lines.append(f"    {setting} ({flow:<12})  {recall['random']:6.3f}  {recall['noise_free']:6.3f}")
+        for stages, quotas in SERVING_QUOTAS.items():
+            recall = self.joint_recall[f"{stages}-stage"]
+            flow = " -> ".join(map(str, (schema.StageSetting(stages).num_candidates, *quotas)))
+            lines.append(f"    {stages}-stage, {flow:<20} {recall['random']:6.3f}  {recall['noise_free']:6.3f}")
         return "\n".join(lines)
 
 
@@ -224,59 +230,56 @@ class _UserState:
     views: dict[str, np.ndarray]  # video (internal), ts, play, request: each [U, L], left-padded, ts 0 = padding
 
 
-def _zipf(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
-    """Zipf weights over n items in a random order."""
-    return rng.permutation(1.0 / np.arange(1, n + 1) ** exponent)
-
-
 def _build_world(config: SynthConfig) -> _World:
+    """Draw the hidden catalogue, users and scoring terms (everything that does not change over days)."""
     rng = np.random.default_rng([config.seed, _WORLD])
     d, noise = config.latent_dim, _HIERARCHY_NOISE
+    num_videos, num_authors, num_users = config.num_videos, config.num_authors, config.num_users
     # Every category_level_one gets at least one child so its whole vocabulary is in use.
-    cat1_of_cat2 = rng.permutation(np.concatenate([np.arange(_NUM_CAT1), rng.integers(0, _NUM_CAT1, _NUM_CAT2 - _NUM_CAT1)]))
-    author_cat2 = np.sort(rng.choice(_NUM_CAT2, config.num_authors, p=_normalise(rng.lognormal(0, 1, _NUM_CAT2))))
-    video_author = np.sort(rng.choice(config.num_authors, config.num_videos, p=_normalise(rng.lognormal(0, 1, config.num_authors))))
+    extra_children = rng.integers(0, _NUM_CAT1, _NUM_CAT2 - _NUM_CAT1)
+    cat1_of_cat2 = rng.permutation(np.concatenate([np.arange(_NUM_CAT1), extra_children]))
+    author_cat2 = np.sort(rng.choice(_NUM_CAT2, num_authors, p=_normalise(rng.lognormal(0, 1, _NUM_CAT2))))
+    video_author = np.sort(rng.choice(num_authors, num_videos, p=_normalise(rng.lognormal(0, 1, num_authors))))
     video_cat2 = author_cat2[video_author]
 
+    # Each level of the hierarchy is its parent plus a smaller noise, so categories and authors carry signal.
     cat2_vec = rng.standard_normal((_NUM_CAT1, d))[cat1_of_cat2] + noise[0] * rng.standard_normal((_NUM_CAT2, d))
-    author_vec = cat2_vec[author_cat2] + noise[1] * rng.standard_normal((config.num_authors, d))
-    video_vec = author_vec[video_author] + noise[2] * rng.standard_normal((config.num_videos, d))
+    author_vec = cat2_vec[author_cat2] + noise[1] * rng.standard_normal((num_authors, d))
+    video_vec = author_vec[video_author] + noise[2] * rng.standard_normal((num_videos, d))
     video_vec = (video_vec / np.sqrt(1 + sum(s * s for s in noise))).astype(np.float32)
-    cat2_vec /= np.sqrt(1 + noise[0] ** 2)
+    cat2_vec = (cat2_vec / np.sqrt(1 + noise[0] ** 2)).astype(np.float32)
 
-    quality = rng.standard_normal(config.num_videos).astype(np.float32)
+    quality = rng.standard_normal(num_videos).astype(np.float32)
     # Popular videos tend to be good ones, but popularity is only a proxy of quality.
-    pop_rank = np.argsort(np.argsort(-(0.5 * quality + rng.standard_normal(config.num_videos))))
+    pop_rank = np.argsort(np.argsort(-(0.5 * quality + rng.standard_normal(num_videos))))
     popularity = (1.0 + pop_rank) ** -config.zipf_exponent
     log_pop = np.log(popularity)
-    author_type = rng.choice(_NUM_UPLOAD_TYPES, config.num_authors, p=_normalise(_zipf(rng, _NUM_UPLOAD_TYPES, 1.2)))
-    upload_type = np.where(rng.random(config.num_videos) < 0.8, author_type[video_author],
-                           rng.choice(_NUM_UPLOAD_TYPES, config.num_videos, p=_normalise(_zipf(rng, _NUM_UPLOAD_TYPES, 1.2))))
-    first_day_s = int(_day_start_ms(config.day_list[0]) // 1000)
-    upload_age_s = 60 + rng.exponential(30 * 86_400, config.num_videos).astype(np.int64)
-    author_id = rng.permutation(config.num_authors)
+    type_weights = _normalise(rng.permutation(1.0 / np.arange(1, _NUM_UPLOAD_TYPES + 1) ** 1.2))
+    author_type = rng.choice(_NUM_UPLOAD_TYPES, num_authors, p=type_weights)
+    upload_type = np.where(rng.random(num_videos) < 0.8, author_type[video_author],
+                           rng.choice(_NUM_UPLOAD_TYPES, num_videos, p=type_weights))
+    # Every video is uploaded before the first request of the twin.
+    upload_age_s = 60 + rng.exponential(30 * 86_400, num_videos).astype(np.int64)
+    author_id = rng.permutation(num_authors)
     items = {
-        "video_id": rng.permutation(config.num_videos),
+        "video_id": rng.permutation(num_videos),
         "author_id": author_id[video_author],
         "category_level_one": cat1_of_cat2[video_cat2],
         "category_level_two": video_cat2,
         "upload_type": upload_type,
-        "upload_timestamp": first_day_s - upload_age_s,
-        "duration": np.clip(rng.lognormal(np.log(25_000), 0.8, config.num_videos), 3_000, 600_000).astype(np.int64),
+        "upload_timestamp": _day_start_ms(config.day_list[0]) // 1000 - upload_age_s,
+        "duration": np.clip(rng.lognormal(np.log(25_000), 0.8, num_videos), 3_000, 600_000).astype(np.int64),
     }
 
-    # User interests lean a little towards their demographic group's taste.
-    users = {
-        "device_id": rng.integers(0, config.num_devices, config.num_users),
-        "age": rng.integers(0, schema.RECFLOW_ID_COUNTS["age"], config.num_users),
-        "gender": rng.integers(0, schema.RECFLOW_ID_COUNTS["gender"], config.num_users),
-        "province": rng.integers(0, schema.RECFLOW_ID_COUNTS["province"], config.num_users),
-    }
-    user_vec = rng.standard_normal((config.num_users, d))
+    users = {"device_id": rng.integers(0, config.num_devices, num_users)}
+    for field in ("age", "gender", "province"):
+        users[field] = rng.integers(0, schema.RECFLOW_ID_COUNTS[field], num_users)
+    # User interests lean a little towards their demographic groups' tastes.
+    user_vec = rng.standard_normal((num_users, d))
     for field in ("age", "gender", "province"):
         user_vec += 0.4 * rng.standard_normal((schema.RECFLOW_ID_COUNTS[field], d))[users[field]]
     user_vec = (user_vec / np.sqrt(1 + 3 * 0.4**2)).astype(np.float32)
-    logits = _INTEREST_SHARPNESS * (user_vec @ cat2_vec.T.astype(np.float32)) / np.sqrt(d)  # [U, C2]
+    logits = _INTEREST_SHARPNESS * (user_vec @ cat2_vec.T) / np.sqrt(d)  # [U, C2]
     cat2_bounds = np.searchsorted(video_cat2, np.arange(_NUM_CAT2 + 1))
     logits[:, np.diff(cat2_bounds) == 0] = -np.inf  # a category without videos cannot be asked for
     prefs = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -288,9 +291,9 @@ def _build_world(config: SynthConfig) -> _World:
         cat1_of_cat2=cat1_of_cat2, video_author=video_author, video_cat2=video_cat2, video_vec=video_vec,
         quality=quality, log_pop=((log_pop - log_pop.mean()) / log_pop.std()).astype(np.float32),
         pop_cum=np.concatenate([[0.0], np.cumsum(popularity)]), cat2_bounds=cat2_bounds,
-        author_bounds=np.searchsorted(video_author, np.arange(config.num_authors + 1)), items=items,
-        user_vec=user_vec, users=users, user_activity=_normalise(rng.lognormal(0, 0.8, config.num_users)),
-        user_cat_cdf=(np.arange(config.num_users)[:, None] + cdf).ravel(),
+        author_bounds=np.searchsorted(video_author, np.arange(num_authors + 1)), items=items,
+        user_vec=user_vec, users=users, user_activity=_normalise(rng.lognormal(0, 0.8, num_users)),
+        user_cat_cdf=(np.arange(num_users)[:, None] + cdf).ravel(),
         context=rng.standard_normal((24, _NUM_CAT1)).astype(np.float32), boost=boost,
     )
 
@@ -303,57 +306,97 @@ def _day_start_ms(day: dt.date) -> int:
     return int(dt.datetime.combine(day, dt.time(), tzinfo=ZoneInfo(schema.TIME_ZONE)).timestamp() * 1000)
 
 
-def _sample_user_cat2(world: _World, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw a category_level_two per entry of users (any shape) from that user's long-term preference."""
-    return np.searchsorted(world.user_cat_cdf, users + rng.random(users.shape), side="right") - users * _NUM_CAT2
+class _Streams:
+    """Independent random streams keyed by draw site, each seeded by (seed, purpose, day, site).
+
+    A site always draws [C, ...] blocks in request order, so a chunk reads exactly the numbers that a
+    whole-day pass would read for its rows: the output does not depend on the chunk size.
+    """
+
+    def __init__(self, *key: int) -> None:
+        self._key = key
+        self._generators: dict[str, np.random.Generator] = {}
+
+    def _generator(self, site: str) -> np.random.Generator:
+        if site not in self._generators:
+            self._generators[site] = np.random.default_rng([*self._key, zlib.crc32(site.encode())])
+        return self._generators[site]
+
+    def uniform(self, site: str, shape: tuple[int, ...]) -> np.ndarray:
+        return self._generator(site).random(shape)
+
+    def normal(self, site: str, shape: tuple[int, ...]) -> np.ndarray:
+        return self._generator(site).standard_normal(shape)
 
 
-def _sample_videos(world: _World, lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw a video in each internal range [lo, hi) (any shape), proportionally to popularity."""
+def _sample_user_cat2(world: _World, users: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """A category_level_two per entry of users (any shape), from that user's long-term preference."""
+    return np.searchsorted(world.user_cat_cdf, users + uniform, side="right") - users * _NUM_CAT2
+
+
+def _sample_videos(world: _World, lo: np.ndarray, hi: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """A video in each internal range [lo, hi) (any shape), drawn proportionally to popularity."""
     cum = world.pop_cum
-    target = cum[lo] + rng.random(lo.shape) * (cum[hi] - cum[lo])
+    target = cum[lo] + uniform * (cum[hi] - cum[lo])
     return np.clip(np.searchsorted(cum, target, side="right") - 1, lo, hi - 1)
 
 
 def _draw_intents(world: _World, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A fresh intent: half the time a favourite category, half the time whatever is popular."""
-    favourite = _sample_user_cat2(world, users, rng)
-    trending = world.video_cat2[_sample_videos(world, np.zeros_like(users), np.full_like(users, len(world.video_cat2)), rng)]
+    """A fresh intent per entry of users: half the time a favourite category, half the time a trending one."""
+    favourite = _sample_user_cat2(world, users, rng.random(users.shape))
+    everything = (np.zeros_like(users), np.full_like(users, len(world.quality)))
+    trending = world.video_cat2[_sample_videos(world, *everything, rng.random(users.shape))]
     return np.where(rng.random(users.shape) < 0.5, favourite, trending)
 
 
 def _retrieve(world: _World, config: SynthConfig, users: np.ndarray, intents: np.ndarray, recent: np.ndarray,
-              rng: np.random.Generator) -> np.ndarray:
+              streams: _Streams) -> np.ndarray:
     """The retrieval pool [C, P] of distinct internal video indices, from several channels.
 
     recent [C, RECENT_VIEWS] holds each user's last views as of the start of the day, -1 where missing.
     """
     n = {name: round(share * config.pool_size) for name, share in _CHANNELS.items()}
-    c, num_videos = len(users), len(world.video_cat2)
-    cat2 = _sample_user_cat2(world, np.repeat(users[:, None], n["interest"] + n["recent"], axis=1), rng)
-    interest = _sample_videos(world, world.cat2_bounds[cat2], world.cat2_bounds[cat2 + 1], rng)  # [C, n_i + n_r]
-    intent = np.repeat(intents[:, None], n["intent"], axis=1)
-    # The recent channel expands a random one of the last views to its author or to its category.
+    n["tail"] = config.pool_size - sum(n.values())
+    c, num_videos = len(users), len(world.quality)
+
+    def draw(site: str, k: int) -> np.ndarray:
+        return streams.uniform(site, (c, k))
+
+    def in_ranges(bounds: np.ndarray, index: np.ndarray, site: str) -> np.ndarray:
+        return _sample_videos(world, bounds[index], bounds[index + 1], draw(site, index.shape[1]))
+
+    def favourites(k: int, site: str) -> np.ndarray:
+        return in_ranges(world.cat2_bounds, _sample_user_cat2(world, users[:, None], draw(site, k)), site + ".video")
+
+    # The recent channel expands a random one of the last views to its author or to its category; users
+    # without views get favourite-category videos instead.
     seen = (recent >= 0).sum(axis=1, keepdims=True)
-    pick = recent.shape[1] - 1 - rng.integers(0, np.maximum(seen, 1), (c, n["recent"]))
+    pick = recent.shape[1] - 1 - (draw("recent.pick", n["recent"]) * np.maximum(seen, 1)).astype(np.int64)
     seed_video = np.take_along_axis(np.maximum(recent, 0), pick, axis=1)
-    by_author = rng.random(seed_video.shape) < 0.5
+    by_author = draw("recent.kind", n["recent"]) < 0.5
     author, cat = world.video_author[seed_video], world.video_cat2[seed_video]
-    lo = np.where(by_author, world.author_bounds[author], world.cat2_bounds[cat])
-    hi = np.where(by_author, world.author_bounds[author + 1], world.cat2_bounds[cat + 1])
-    related = np.where(seen > 0, _sample_videos(world, lo, hi, rng), interest[:, n["interest"]:])
-    popular = _sample_videos(world, np.zeros((c, n["popular"]), np.int64), np.full((c, n["popular"]), num_videos), rng)
-    tail = rng.integers(0, num_videos, (c, config.pool_size - sum(n.values())))
-    pool = np.concatenate([interest[:, : n["interest"]], _sample_videos(
-        world, world.cat2_bounds[intent], world.cat2_bounds[intent + 1], rng), related, popular, tail], axis=1)
-    # Channels overlap: redraw repeats from the long tail until every row is distinct.
+    related = np.where(by_author, in_ranges(world.author_bounds, author, "recent.author"),
+                       in_ranges(world.cat2_bounds, cat, "recent.category"))
+    everything = np.zeros((c, 1), np.int64)  # category 0 starts at video 0 and the last one ends at num_videos
+    pool = np.concatenate([
+        favourites(n["interest"], "interest"),
+        in_ranges(world.cat2_bounds, np.repeat(intents[:, None], n["intent"], axis=1), "intent"),
+        np.where(seen > 0, related, favourites(n["recent"], "recent.fallback")),
+        _sample_videos(world, everything, everything + num_videos, draw("popular", n["popular"])),
+        (draw("tail", n["tail"]) * num_videos).astype(np.int64),
+    ], axis=1)
+    # Channels overlap. A repeat moves along its slot's own Weyl sequence (golden-ratio steps from a
+    # uniform) until the row is distinct: row-local, so chunking cannot change the result.
+    start, attempt = draw("repeat", config.pool_size), 0
     while True:
         order = np.argsort(pool, axis=1, kind="stable")
         ranked = np.take_along_axis(pool, order, axis=1)
         rows, cols = np.nonzero(ranked[:, 1:] == ranked[:, :-1])
         if rows.size == 0:
             return pool
-        pool[rows, order[rows, cols + 1]] = rng.integers(0, num_videos, rows.size)
+        attempt += 1
+        slots = order[rows, cols + 1]
+        pool[rows, slots] = (np.modf(start[rows, slots] + attempt * _GOLDEN)[0] * num_videos).astype(np.int64)
 
 
 def _split_top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -362,13 +405,13 @@ def _split_top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:, :k], order[:, k:]
 
 
-def _sample(values: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k entries of each row drawn uniformly without replacement, in draw order: [C, n] -> [C, k]."""
-    return np.take_along_axis(values, np.argsort(rng.random(values.shape), axis=1)[:, :k], axis=1)
+def _sample(values: np.ndarray, k: int, keys: np.ndarray) -> np.ndarray:
+    """k entries of each row, uniformly without replacement, in draw order: [C, n] -> [C, k] (keys [C, n])."""
+    return np.take_along_axis(values, np.argsort(keys, axis=1)[:, :k], axis=1)
 
 
 def _run_funnel(world: _World, config: SynthConfig, users: np.ndarray, intents: np.ndarray, hours: np.ndarray,
-                recent: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+                recent: np.ndarray, streams: _Streams) -> dict[str, np.ndarray]:
     """Simulate retrieval → pre-rank → coarse → rank → re-rank for a chunk of C requests.
 
     Returns internal video indices 'rerank' [C, 20] (re-rank order), 'rank_pos' [C, 10], 'rank_neg'
@@ -376,7 +419,8 @@ def _run_funnel(world: _World, config: SynthConfig, users: np.ndarray, intents: 
     (1-based), 'utility' [C, 20] (truth of the re-ranked items) and 'score_<group>' (the noise-free
     production ranking score of each group's items, for calibration).
     """
-    pool = _retrieve(world, config, users, intents, recent, rng)  # [C, P]
+    pool = _retrieve(world, config, users, intents, recent, streams)  # [C, P]
+    c = len(users)
     take = lambda values, positions: np.take_along_axis(values, positions, axis=1)  # noqa: E731
     interest = (world.video_vec[pool] @ world.user_vec[users][:, :, None])[..., 0] / np.sqrt(config.latent_dim)
     cat2 = world.video_cat2[pool]
@@ -384,36 +428,35 @@ def _run_funnel(world: _World, config: SynthConfig, users: np.ndarray, intents: 
     intent = (cat2 == intents[:, None]) + 0.5 * (cat1 == world.cat1_of_cat2[intents][:, None])
     quality, log_pop = world.quality[pool], world.log_pop[pool]
     utility = interest + _W_INTENT * intent + _W_QUALITY * quality + _W_CONTEXT * world.context[hours[:, None], cat1]
-    noise = [s * rng.standard_normal(pool.shape) for s in config.stage_noise]  # drawn up front: [C, P] each
+    noise = streams.normal("noise", (c, 4, pool.shape[1])) * np.array(config.stage_noise)[:, None]  # [C, 4, P]
 
-    prerank = interest + _PRERANK_POPULARITY * log_pop + _W_QUALITY * quality + noise[0]
+    prerank = interest + _PRERANK_POPULARITY * log_pop + _W_QUALITY * quality + noise[:, 0]
     pre_kept, pre_dropped = _split_top(prerank, config.prerank_keep)
-    coarse = interest + _W_INTENT * intent + _W_QUALITY * quality + noise[1]
+    coarse = interest + _W_INTENT * intent + _W_QUALITY * quality + noise[:, 1]
     kept, dropped = _split_top(take(coarse, pre_kept), config.coarse_keep)
     coarse_kept, coarse_dropped = take(pre_kept, kept), take(pre_kept, dropped)
-    kept, dropped = _split_top(take(utility + noise[2], coarse_kept), _RANK_KEEP)
+    kept, dropped = _split_top(take(utility + noise[:, 2], coarse_kept), _RANK_KEEP)
     rank_top, rank_dropped = take(coarse_kept, kept), take(coarse_kept, dropped)  # rank_top: [C, 20] in rank order
-    rank_slots = _sample(np.broadcast_to(np.arange(_RANK_KEEP), rank_top.shape), _GROUP["rank_pos"], rng)
+    slots = np.broadcast_to(np.arange(_RANK_KEEP), rank_top.shape)
+    rank_slots = _sample(slots, _GROUP["rank_pos"], streams.uniform("rank_pos", slots.shape))
 
     rerank = take(utility + _RERANK_POPULARITY * log_pop + world.boost[world.items["upload_type"][pool]], rank_top)
     # Diversity pass: each better-scored item of the same category pushes an item down.
     top_cat = take(cat2, rank_top)
     crowded = (top_cat[:, :, None] == top_cat[:, None, :]) & (rerank[:, None, :] > rerank[:, :, None])  # [C, 20, 20]
-    order, _ = _split_top(rerank - _DIVERSITY_PENALTY * crowded.sum(axis=2) + take(noise[3], rank_top), _RANK_KEEP)
+    order, _ = _split_top(rerank - _DIVERSITY_PENALTY * crowded.sum(axis=2) + take(noise[:, 3], rank_top), _RANK_KEEP)
     reranked = take(rank_top, order)
 
-    positions = {
-        "rerank": reranked, "rank_pos": take(rank_top, rank_slots),
-        "rank_neg": _sample(rank_dropped, _GROUP["rank_neg"], rng),
-        "coarse_neg": _sample(coarse_dropped, _GROUP["coarse_neg"], rng),
-        "prerank_neg": _sample(pre_dropped, _GROUP["prerank_neg"], rng),
-    }
+    positions = {"rerank": reranked, "rank_pos": take(rank_top, rank_slots)}
+    for label, dropped in (("rank_neg", rank_dropped), ("coarse_neg", coarse_dropped), ("prerank_neg", pre_dropped)):
+        positions[label] = _sample(dropped, _GROUP[label], streams.uniform(label, dropped.shape))
     out = {name: take(pool, pos) for name, pos in positions.items()}
     out |= {f"score_{name}": take(utility, pos) for name, pos in positions.items()}
     return out | {"rank_index": rank_slots + 1, "utility": take(utility, reranked)}
 
 
-def _feedback(world: _World, videos: np.ndarray, utility: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _feedback(world: _World, videos: np.ndarray, utility: np.ndarray,
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Exposure and feedback of the re-ranked items [R, 20]: the first 1–6 are shown, feedback from the truth."""
     low, high = schema.LOGGED_PER_REQUEST["realshow"]
     shown = np.arange(videos.shape[1]) < rng.integers(low, high + 1, (len(videos), 1))
@@ -421,8 +464,8 @@ def _feedback(world: _World, videos: np.ndarray, utility: np.ndarray, rng: np.ra
     playing = np.rint(watched * world.items["duration"][videos]).astype(np.int64)
     out = {"realshow": shown, "playing_time": playing * shown, "effective_view": shown & (watched > 0.5),
            "long_view": shown & (watched > 0.85)}
-    for name, threshold in (("like", 4.0), ("comment", 4.5), ("forward", 5.0), ("follow", 5.5)):
-        out[name] = shown & (rng.random(utility.shape) < 1 / (1 + np.exp(threshold - utility)))
+    for name, offset in _INTERACTION_OFFSETS.items():
+        out[name] = shown & (rng.random(utility.shape) < 1 / (1 + np.exp(offset - utility)))
     return {name: values.astype(np.int64) for name, values in out.items()}
 
 
@@ -433,13 +476,14 @@ def _windows(values: dict[str, np.ndarray], start: np.ndarray, end: np.ndarray) 
     return {name: np.where(valid, column[np.maximum(index, 0)], 0) for name, column in values.items()}
 
 
-def _histories(state: _UserState, users: np.ndarray, ts: np.ndarray, request_ids: np.ndarray, videos: np.ndarray,
+def _histories(state: _UserState, requests: dict[str, np.ndarray], videos: np.ndarray,
                feedback: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each request's last SEQ_LEN effective views of strictly earlier requests [R, L]; rolls state forward.
 
     Carried views and today's views are merged into one array sorted by (user, request): a request's
     history is then the window that ends just before its own first event.
     """
+    users, ts, request_ids = requests["user_id"], requests["request_timestamp"], requests["request_id"]
     num_requests, num_users = len(users), len(state.intent)
     request, slot = np.nonzero(feedback["effective_view"])  # today's views in time, then display order
     carried_user, carried_slot = np.nonzero(state.views["ts"] > 0)
@@ -518,7 +562,8 @@ def _request_dict(world: _World, request_ids: np.ndarray, funnel: dict[str, np.n
         "rerank_neg": (rerank[:, n_pos:], effective[:, n_pos:]),
         "rank_pos": (funnel["rank_pos"], (is_rank_pos * effective[:, :, None]).sum(axis=1)),
     }
-    groups |= {label: (funnel[label], np.zeros_like(funnel[label])) for label in ("rank_neg", "coarse_neg", "prerank_neg")}
+    for label in ("rank_neg", "coarse_neg", "prerank_neg"):
+        groups[label] = (funnel[label], np.zeros_like(funnel[label]))  # never shown
     arrays = {}
     for label, (videos, views) in groups.items():
         item = _item_columns(world, videos)
@@ -560,6 +605,48 @@ def _calibrate(funnel: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, 
     return result
 
 
+def _draw_requests(world: _World, config: SynthConfig, state: _UserState, day: dt.date, first_id: int,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The day's requests in time order [R]: logged request columns, plus the hidden 'intent' and 'hour'."""
+    num = config.requests_per_day
+    users = rng.choice(config.num_users, num, p=world.user_activity)
+    day_start = _day_start_ms(day)
+    day_ms = _day_start_ms(day + dt.timedelta(days=1)) - day_start
+    # Sorted draws plus 0..R-1 are strictly increasing, so request times are distinct and stay in the day.
+    offsets = np.sort(rng.random(num) * (day_ms - num)).astype(np.int64) + np.arange(num)
+    requests = {"request_id": first_id + np.arange(num), "request_timestamp": day_start + offsets, "user_id": users}
+    requests |= {name: column[users] for name, column in world.users.items()}
+
+    # Sticky intent chain: a request keeps its user's previous intent unless it switches; a forward fill
+    # over the requests sorted by user replaces a loop over each user's requests.
+    by_user = np.argsort(users, kind="stable")  # chronological within each user
+    sorted_users = users[by_user]
+    first = np.concatenate([[True], sorted_users[1:] != sorted_users[:-1]])
+    switch = rng.random(num) >= config.intent_stickiness
+    fresh = np.where(switch, _draw_intents(world, sorted_users, rng), state.intent[sorted_users])
+    intents = fresh[np.maximum.accumulate(np.where(first | switch, np.arange(num), 0))]
+    last = np.concatenate([first[1:], [True]])
+    state.intent[sorted_users[last]] = intents[last]
+    requests["intent"] = np.empty(num, np.int64)
+    requests["intent"][by_user] = intents
+    requests["hour"] = offsets // 3_600_000
+    return requests
+
+
+def _simulate(world: _World, config: SynthConfig, state: _UserState, requests: dict[str, np.ndarray],
+              day_index: int) -> dict[str, np.ndarray]:
+    """Run the funnel over the day's requests, chunk by chunk; see _run_funnel for the outputs [R, ...]."""
+    users = requests["user_id"]
+    # The recent channel reads a daily snapshot of the views, so chunks never wait on each other.
+    recent = np.where(state.views["ts"][:, -_RECENT_VIEWS:] > 0, state.views["video"][:, -_RECENT_VIEWS:], -1)
+    streams, chunks = _Streams(config.seed, _FUNNEL, day_index), []
+    for lo in range(0, len(users), _CHUNK):
+        part = slice(lo, lo + _CHUNK)
+        chunks.append(_run_funnel(world, config, users[part], requests["intent"][part], requests["hour"][part],
+                                  recent[users[part]], streams))
+    return {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
+
+
 def generate(config: SynthConfig, out_root: str | Path, progress: bool = True) -> SynthReport:
     """Write a synthetic twin of RecFlow in the published raw layout under out_root.
 
@@ -575,47 +662,20 @@ def generate(config: SynthConfig, out_root: str | Path, progress: bool = True) -
     """
     start, root = time.perf_counter(), Path(out_root)
     world = _build_world(config)
-    rng = np.random.default_rng([config.seed, _REQUESTS])
-    num_users = config.num_users
-    state = _UserState(intent=_draw_intents(world, np.arange(num_users), rng),
-                       views={k: np.zeros((num_users, schema.SEQ_LEN), np.int64) for k in ("video", "ts", "play", "request")})
-    totals, next_id = dict(rows=0, shown=0, effective=0), 1
+    users = np.arange(config.num_users)
+    state = _UserState(
+        intent=_draw_intents(world, users, np.random.default_rng([config.seed, _REQUESTS])),
+        views={key: np.zeros((len(users), schema.SEQ_LEN), np.int64) for key in ("video", "ts", "play", "request")},
+    )
+    totals = dict(rows=0, shown=0, effective=0)
     for day_index, day in enumerate(tqdm(config.day_list, desc="synth days", unit="day", disable=not progress)):
         rng = np.random.default_rng([config.seed, _REQUESTS, day_index])
-        num = config.requests_per_day
-        users = rng.choice(num_users, num, p=world.user_activity)
-        day_start, day_ms = _day_start_ms(day), _day_start_ms(day + dt.timedelta(days=1)) - _day_start_ms(day)
-        # Sorted draws plus 0..R-1 are strictly increasing, so request times are distinct and stay in the day.
-        offsets = np.sort(rng.random(num) * (day_ms - num)).astype(np.int64) + np.arange(num)
-        requests = {"request_id": next_id + np.arange(num), "request_timestamp": day_start + offsets, "user_id": users}
-        requests |= {name: column[users] for name, column in world.users.items()}
-        next_id += num
+        requests = _draw_requests(world, config, state, day, 1 + day_index * config.requests_per_day, rng)
+        funnel = _simulate(world, config, state, requests, day_index)
+        rng = np.random.default_rng([config.seed, _FEEDBACK, day_index])
+        feedback = _feedback(world, funnel["rerank"], funnel["utility"], rng)
+        history = _histories(state, requests, funnel["rerank"], feedback)
 
-        # Sticky intent chain per user: a request keeps its user's previous intent unless it switches.
-        by_user = np.argsort(users, kind="stable")  # [R] chronological within each user
-        sorted_users = users[by_user]
-        first = np.concatenate([[True], sorted_users[1:] != sorted_users[:-1]])
-        switch = rng.random(num) >= config.intent_stickiness
-        fresh = np.where(switch, _draw_intents(world, sorted_users, rng), state.intent[sorted_users])
-        source = np.maximum.accumulate(np.where(first | switch, np.arange(num), 0))
-        intents = np.empty(num, np.int64)
-        intents[by_user] = fresh[source]
-        last = np.concatenate([first[1:], [True]])
-        state.intent[sorted_users[last]] = fresh[source][last]
-
-        # The recent channel reads a daily snapshot of the views, so chunks never wait on each other.
-        recent = np.where(state.views["ts"][:, -_RECENT_VIEWS:] > 0, state.views["video"][:, -_RECENT_VIEWS:], -1)
-        hours = offsets // 3_600_000
-        chunks = [
-            _run_funnel(world, config, users[s:s + _CHUNK], intents[s:s + _CHUNK], hours[s:s + _CHUNK],
-                        recent[users[s:s + _CHUNK]], np.random.default_rng([config.seed, _FUNNEL, day_index, i]))
-            for i, s in enumerate(range(0, num, _CHUNK))
-        ]
-        funnel = {k: np.concatenate([chunk[k] for chunk in chunks]) for k in chunks[0]}
-        feedback = _feedback(world, funnel["rerank"], funnel["utility"],
-                             np.random.default_rng([config.seed, _FEEDBACK, day_index]))
-        history = _histories(state, users, requests["request_timestamp"], requests["request_id"], funnel["rerank"],
-                             feedback)
         name = schema.day_name(day)
         frame = _all_stage(world, requests, funnel, feedback)
         _write(root / schema.ALL_STAGE_DIR / f"{name}.feather", frame.to_feather)

@@ -60,3 +60,17 @@ def joint_recall(
     target = target & mask
     hits = (kept & target).sum(dim=1).float()
     return hits / target.sum(dim=1).clamp(min=1).float()
+
+
+def stage_recall(
+    scores: torch.Tensor, relevance: torch.Tensor, mask: torch.Tensor, m: int, k: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Recall@k@m of one model on all candidates: |top-m by score ∩ top-k by label| / |top-k by label|.
+
+    Returns:
+        [B] per-request recall.
+    """
+    relevant = top_m_mask(relevance.float(), mask, k, generator)
+    kept = top_m_mask(scores, mask, m, generator)
+    return (kept & relevant).sum(1).float() / relevant.sum(1).clamp(min=1).float()

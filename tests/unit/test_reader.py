@@ -88,24 +88,29 @@ def test_unknown_day_is_a_clear_error(tiny_dataset: Path) -> None:
         LocalReader(tiny_dataset, 8).num_batches(dt.date(2020, 1, 1))
 
 
-def test_keyed_jagged_tensors_feed_torchrec(tiny_dataset: Path) -> None:
+def test_id_features_feed_a_torchrec_collection_with_shared_tables(tiny_dataset: Path) -> None:
     reader = LocalReader(tiny_dataset, batch_size=8)
     meta = reader.meta
     batch = next(reader.iter_day(meta.day_list[0], shuffle=False))
-    items = batch.item_kjt()
-    assert items.keys() == list(schema.ITEM_FEATURES)
-    assert items.stride() == batch.size * meta.num_candidates
-    assert torch.equal(items["author_id"].values(), batch.item[1].reshape(-1))
-    hist = batch.history_kjt()
-    assert hist.stride() == batch.size
-    assert torch.equal(hist["video_id"].lengths(), torch.full((batch.size,), schema.SEQ_LEN, dtype=torch.int32))
-
+    b, n, m, dim = batch.size, meta.num_candidates, batch.num_slots, 4
+    features = batch.id_features()
+    assert features.stride() == b * m
+    shared = ("video_id", "author_id")
     tables = [
-        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=meta.vocab_sizes[f], feature_names=[f],
-                           pooling=PoolingType.SUM)
-        for f in schema.USER_FEATURES
-    ]
+        EmbeddingBagConfig(name=f"t_{kind}", embedding_dim=dim, num_embeddings=meta.vocab_sizes[kind],
+                           feature_names=[f"cand_{kind}", f"hist_{kind}"], pooling=PoolingType.SUM)
+        for kind in shared
+    ] + [EmbeddingBagConfig(name="t_province", embedding_dim=dim, num_embeddings=meta.vocab_sizes["province"],
+                            feature_names=["province"], pooling=PoolingType.SUM)]
     ebc = EmbeddingBagCollection(tables=tables)
-    pooled = ebc(batch.user_kjt())
-    weight = dict(ebc.named_parameters())["embedding_bags.t_province.weight"]
-    assert torch.equal(pooled["province"], weight[batch.user[schema.USER_FEATURES.index("province")]])
+    weights = {name.split(".")[1]: w for name, w in ebc.named_parameters()}
+    pooled = ebc(features)
+    for kind in shared:
+        cand = pooled[f"cand_{kind}"].view(b, m, dim)
+        hist = pooled[f"hist_{kind}"].view(b, m, dim)
+        assert torch.equal(cand[:, :n], weights[f"t_{kind}"][batch.item[schema.ITEM_FEATURES.index(kind)]])
+        assert torch.equal(hist[:, : schema.SEQ_LEN], weights[f"t_{kind}"][batch.history[schema.HISTORY_FEATURES.index(kind)]])
+        assert not cand[:, n:].any(), "slots past N hold no candidate"
+    user = pooled["province"].view(b, m, dim)
+    assert torch.equal(user[:, 0], weights["t_province"][batch.user[schema.USER_FEATURES.index("province")]])
+    assert not user[:, 1:].any()

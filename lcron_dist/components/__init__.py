@@ -1,0 +1,1 @@
+"""Run-folder components: logging and metrics sinks."""

@@ -1,0 +1,153 @@
+"""The job configuration: one dataclass per concern, each field documented and validated.
+
+Sections validate themselves on construction and again after the TOML file and the command-line
+overrides have been applied (JobConfig.validate), so a bad value fails before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lcron_dist.data import schema
+
+
+class _Section:
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the rule it breaks."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class RunConfig(_Section):
+    dir: str = "runs/default"
+    """Run folder: resolved config, metrics.jsonl, results.json, plan."""
+    log_every: int = 50
+    """Steps between log lines (and metrics.jsonl rows)."""
+    progress: bool = True
+    """Show a progress bar per day on rank 0."""
+
+    def validate(self) -> None:
+        _check(self.log_every >= 1, f"run.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class DataConfig(_Section):
+    path: str = "data/demo/dataset"
+    """Converted dataset folder (holding meta.json)."""
+    train_days: str = ""
+    """Training days: FIRST:LAST (inclusive) or a comma-separated list; empty = every day before test_day."""
+    test_day: str = ""
+    """Evaluation day (YYYY-MM-DD); empty = the dataset's last day."""
+    batch_size: int = 1024
+    """Requests per rank and training step."""
+    eval_batch_size: int = 4096
+    """Requests per rank and evaluation step."""
+    reader: str = "local"
+    """Where batches come from: local (Parquet on a local or mounted disk)."""
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        _check(self.reader in ("local",), f"data.reader must be 'local', got {self.reader!r}")
+        if self.train_days:
+            schema.parse_days(self.train_days)
+        if self.test_day:
+            schema.parse_day(self.test_day)
+
+
+@dataclass
+class ModelConfig(_Section):
+    num_stages: int = 2
+    """Cascade setting: 2 (retrieval DSSM, ranking DIN) or 3 (adds pre-ranking MLP); must match the dataset."""
+    emb_dim: int = 8
+    """Embedding dimension of every id feature."""
+    dssm_hidden: list[int] = field(default_factory=lambda: [128, 64, 32])
+    """DSSM user and item towers; the last size is the dot-product dimension."""
+    mlp_hidden: list[int] = field(default_factory=lambda: [128, 64, 32])
+    """Pre-ranking MLP hidden sizes (a final 1-unit layer follows)."""
+    din_attention_hidden: int = 80
+    """Hidden size of DIN's attention MLP on [history item ‖ target item]."""
+    din_hidden: list[int] = field(default_factory=lambda: [128, 128, 32])
+    """DIN head hidden sizes (a final 1-unit layer follows)."""
+    compile: bool = False
+    """torch.compile DIN's attention (fuses it; costs tens of seconds on first call)."""
+
+    def validate(self) -> None:
+        _check(self.num_stages in schema.GROUPS, f"model.num_stages must be 2 or 3, got {self.num_stages}")
+        _check(self.emb_dim >= 1, f"model.emb_dim must be >= 1, got {self.emb_dim}")
+        for name in ("dssm_hidden", "mlp_hidden", "din_hidden"):
+            sizes = getattr(self, name)
+            _check(len(sizes) >= 1 and all(s >= 1 for s in sizes), f"model.{name} must be positive sizes, got {sizes}")
+        _check(self.din_attention_hidden >= 1, f"model.din_attention_hidden must be >= 1, got {self.din_attention_hidden}")
+
+
+@dataclass
+class LossConfig(_Section):
+    name: str = "lcron"
+    """Loss by registry name (lcron_dist.losses): lcron, bce, icc, rankflow, fs_ranknet, ..."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of that loss (e.g. tau, q, weighting); defaults as in METHOD.md."""
+
+
+@dataclass
+class OptimConfig(_Section):
+    name: str = "adam"
+    """Dense optimizer (DeepSpeed client optimizer): adam or adamw."""
+    lr: float = 0.01
+    """Learning rate of every parameter (the paper: Adam, 0.01, embeddings included)."""
+    weight_decay: float = 0.0
+    """Weight decay of the dense optimizer."""
+    grad_clip: float = 0.0
+    """Gradient norm clipping of dense parameters (0 = off)."""
+
+    def validate(self) -> None:
+        _check(self.name in ("adam", "adamw"), f"optim.name must be adam or adamw, got {self.name!r}")
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig(_Section):
+    seed: int = 0
+    """Seed of initialisation, shuffling within each day and evaluation tie-breaks."""
+    max_steps_per_day: int = 0
+    """Stop each training day after this many steps (0 = the whole day); for smoke tests."""
+
+    def validate(self) -> None:
+        _check(self.max_steps_per_day >= 0, f"train.max_steps_per_day must be >= 0, got {self.max_steps_per_day}")
+
+
+@dataclass
+class ParallelismConfig(_Section):
+    sharding: str = "data_parallel"
+    """TorchRec sharding of every embedding table: data_parallel (tables replicated; Adam via torch)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3) of the dense parameters."""
+
+    def validate(self) -> None:
+        _check(self.sharding in ("data_parallel",), f"parallelism.sharding must be data_parallel, got {self.sharding!r}")
+        _check(self.zero_stage in (0, 1, 2, 3), f"parallelism.zero_stage must be 0-3, got {self.zero_stage}")
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()

@@ -1,0 +1,182 @@
+"""The Trainer: builds everything in a fixed order, owns the day loop and evaluation.
+
+distributed init -> seed -> data -> loss and model (tables on the meta device) -> shard tables
+(TorchRec DMP) -> wrap dense parameters (DeepSpeed) -> optimizers -> metrics. Training is one
+chronological pass over the training days (shuffled within a day by seed), then the test day.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lcron_dist.components.logging import MetricsSink, build_logger
+from lcron_dist.config import JobConfig, to_dict
+from lcron_dist.data import schema
+from lcron_dist.data.reader import LocalReader
+from lcron_dist.distributed.dense import build_dense_engine
+from lcron_dist.distributed.process_group import init_distributed
+from lcron_dist.distributed.sharding import apply_sharding, build_sparse_optimizer
+from lcron_dist.losses import build_loss
+from lcron_dist.metrics import CascadeMetrics
+from lcron_dist.models import Cascade
+
+
+def resolve_days(config: JobConfig, available: list[dt.date]) -> tuple[list[dt.date], dt.date]:
+    """Training days and test day from the config (defaults: the last day tests, the days before train)."""
+    test_day = schema.parse_day(config.data.test_day) if config.data.test_day else available[-1]
+    if config.data.train_days:
+        train_days = schema.parse_days(config.data.train_days)
+    else:
+        train_days = [d for d in available if d < test_day]
+    missing = [d for d in [*train_days, test_day] if d not in available]
+    if missing:
+        raise ValueError(f"day {missing[0]} is not in dataset {config.data.path} "
+                         f"(it has {available[0]} .. {available[-1]})")
+    if any(d >= test_day for d in train_days):
+        raise ValueError(f"training days must come before the test day {test_day}")
+    return train_days, test_day
+
+
+class Trainer:
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.dist = init_distributed()
+        self.device = self.dist.device
+        self.log = build_logger(self.dist.rank)
+        self.run_dir = Path(config.run.dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+            self.log.info("config: %s", json.dumps(to_dict(config)))
+
+        seed = config.train.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+        self.reader = LocalReader(config.data.path, config.data.batch_size, self.dist.rank, self.dist.world_size, seed)
+        self.eval_reader = LocalReader(config.data.path, config.data.eval_batch_size, self.dist.rank,
+                                       self.dist.world_size, seed)
+        meta = self.reader.meta
+        if meta.num_stages != config.model.num_stages:
+            raise ValueError(f"model.num_stages is {config.model.num_stages} but dataset {config.data.path} "
+                             f"was converted for {meta.num_stages} stages")
+        self.train_days, self.test_day = resolve_days(config, meta.day_list)
+
+        loss = build_loss(config.loss.name, num_stages=config.model.num_stages, **config.loss.options)
+        model = Cascade(config.model, meta.vocab_sizes, loss, device="meta")
+        model.dense.to(self.device)
+        self.model, plan = apply_sharding(model, config, self.device, self.dist.world_size)
+        if self.dist.is_main:
+            (self.run_dir / "plan.txt").write_text(str(plan) + "\n")
+            self.log.info("sharding plan:\n%s", plan)
+        self.sparse_optimizer = build_sparse_optimizer(self.model, config)
+        # DMP shards `model` in place, so model.dense is the module the DMP forward runs.
+        self.engine = build_dense_engine(model.dense, config, self.dist.world_size, self.device)
+        self.stages = model.stages
+        self.sink = MetricsSink(self.run_dir, self.dist.is_main)
+        self.step = 0
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        out, _ = self.model(batch.to(self.device))
+        self.engine.backward(out.total)
+        self.engine.step()
+        self.sparse_optimizer.step()
+        self.sparse_optimizer.zero_grad()
+        return {"loss": out.total.detach(), **out.parts}
+
+    def _log_step(self, day: dt.date, parts: dict[str, torch.Tensor], requests: int, seconds: float) -> None:
+        values = torch.stack([v.float() for v in parts.values()])
+        if self.dist.world_size > 1:  # reduce only on log steps
+            dist.all_reduce(values)
+            values /= self.dist.world_size
+        row = {"step": self.step, "day": str(day), **dict(zip(parts, values.tolist())),
+               "requests_per_s": requests * self.dist.world_size / max(seconds, 1e-9)}
+        self.sink.write(row)
+        if self.dist.is_main:
+            self.log.info("step %d day %s %s", self.step, day,
+                          " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                                   if k not in ("step", "day")))
+
+    def train(self) -> tuple[int, float]:
+        """One chronological pass over the training days; returns (requests trained, seconds)."""
+        self.model.train()
+        total_requests, total_seconds = 0, 0.0
+        limit = self.config.train.max_steps_per_day
+        for day in self.train_days:
+            steps = self.reader.num_batches(day)
+            steps = min(steps, limit) if limit else steps
+            bar = tqdm(total=steps, desc=f"train {day}", unit="step",
+                       disable=not (self.dist.is_main and self.config.run.progress))
+            window_requests, window_start = 0, time.perf_counter()
+            day_start = time.perf_counter()
+            for i, batch in enumerate(self.reader.iter_day(day, shuffle=True)):
+                if i == steps:
+                    break
+                parts = self.train_step(batch)
+                self.step += 1
+                total_requests += batch.size
+                window_requests += batch.size
+                bar.update()
+                if self.step % self.config.run.log_every == 0:
+                    self._log_step(day, parts, window_requests, time.perf_counter() - window_start)
+                    window_requests, window_start = 0, time.perf_counter()
+            bar.close()
+            total_seconds += time.perf_counter() - day_start
+        requests = torch.tensor([total_requests], dtype=torch.int64)
+        if self.dist.world_size > 1:
+            dist.all_reduce(requests)
+        return int(requests.item()), total_seconds
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, day: dt.date) -> dict[str, float]:
+        """Every request of `day` scored exactly once across ranks; metrics reduced across ranks."""
+        self.model.eval()
+        metrics = CascadeMetrics(self.stages, self.device, seed=self.config.train.seed)
+        bar = tqdm(total=self.eval_reader.num_batches(day), desc=f"eval {day}", unit="step",
+                   disable=not (self.dist.is_main and self.config.run.progress))
+        for batch in self.eval_reader.iter_day(day, shuffle=False):
+            batch = batch.to(self.device)
+            _, scores = self.model(batch, compute_loss=False)
+            metrics.update(scores, batch.label, batch.mask, batch.target)
+            bar.update()
+        bar.close()
+        self.model.train()
+        return metrics.compute()
+
+    # ---- the job ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        train_requests, train_seconds = self.train()
+        metrics = self.evaluate(self.test_day)
+        results = {
+            "method": self.config.loss.name,
+            "num_stages": self.config.model.num_stages,
+            "seed": self.config.train.seed,
+            "test_day": str(self.test_day),
+            "train_days": [str(d) for d in self.train_days],
+            "joint_recall": metrics["joint_recall"],
+            "stages": {s: {"recall": metrics[f"{s}/recall"], "ndcg@10": metrics[f"{s}/ndcg@10"]} for s in self.stages},
+            "train_requests": train_requests,
+            "train_seconds": train_seconds,
+            "train_requests_per_s": train_requests / max(train_seconds, 1e-9),
+            "eval_requests": metrics["requests"],
+            "world_size": self.dist.world_size,
+        }
+        if self.dist.is_main:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            self.log.info("results: %s", json.dumps(results))
+        return results
