@@ -44,12 +44,74 @@ def list_days(root: Path) -> list[dt.date]:
     return sorted(days)
 
 
+class RawArray:
+    """Stands in for an ndarray while a day's pickle is read: its shape, dtype and bytes only.
+
+    A RecFlow day pickles hundreds of thousands of small arrays; building a numpy object for each
+    costs more than the rest of the conversion. Kept raw, one stage label's arrays of a whole day
+    become one numpy array with a single join of their bytes (see join_rows).
+    """
+
+    __slots__ = ("shape", "dtype", "data", "fortran")
+
+    def __init__(self, shape: tuple = (), dtype: Any = None, data: Any = b"", fortran: bool = False) -> None:
+        self.shape, self.dtype, self.data, self.fortran = tuple(shape), dtype, data, fortran
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    def __setstate__(self, state: tuple) -> None:  # protocol <= 4: ndarray.__setstate__'s state tuple
+        _, self.shape, self.dtype, self.fortran, self.data = state
+
+    def to_numpy(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape, order="F" if self.fortran else "C")
+
+
+def _frombuffer(data: Any, dtype: Any, shape: tuple, order: str) -> RawArray:  # protocol 5
+    return RawArray(shape, dtype, data, order == "F")
+
+
+def _reconstruct(cls: Any, shape: tuple, dtype: Any) -> RawArray:  # protocol <= 4, state follows
+    return RawArray()
+
+
+class _DayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("numpy._core.numeric", "numpy.core.numeric") and name == "_frombuffer":
+            return _frombuffer
+        if module in ("numpy._core.multiarray", "numpy.core.multiarray") and name == "_reconstruct":
+            return _reconstruct
+        return super().find_class(module, name)
+
+
+def join_rows(arrays: list, width: int, what: str, path: Path, day: dt.date | None, column: str | None = None) -> np.ndarray:
+    """Stack a list of int [n_i, width] arrays (RawArray or ndarray) into one int64 [sum n_i, width] array."""
+    kinds = set(map(type, arrays))
+    if kinds <= {RawArray}:
+        dtypes = {a.dtype for a in arrays}
+        good = (len(dtypes) <= 1 and all(np.dtype(d).kind in "iu" for d in dtypes)
+                and all(len(a.shape) == 2 and a.shape[1] == width and not a.fortran for a in arrays))
+        if good:
+            dtype = np.dtype(dtypes.pop()) if dtypes else np.dtype(np.int64)
+            flat = np.frombuffer(b"".join(map(operator.attrgetter("data"), arrays)), dtype=dtype)
+            return flat.reshape(-1, width).astype(np.int64, copy=False)
+        arrays = [a.to_numpy() if isinstance(a, RawArray) else a for a in arrays]
+    try:
+        rows = np.concatenate([np.asarray(a) for a in arrays]) if arrays else np.zeros((0, width), np.int64)
+    except ValueError as exc:
+        raise DataError(f"{what} must all be integer arrays [n, {width}]: {exc}", file=path, day=day, column=column) from None
+    if rows.ndim != 2 or rows.shape[1] != width or rows.dtype.kind not in "iu":
+        raise DataError(f"{what} must all be integer arrays [n, {width}], got {rows.dtype} {rows.shape[1:]}",
+                        file=path, day=day, column=column)
+    return rows.astype(np.int64, copy=False)
+
+
 def _load_pickle(path: Path, day: dt.date | None) -> Any:
     if not path.is_file():
         raise DataError("file is missing", file=path, day=day)
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return _DayUnpickler(f).load()
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"not a readable pickle (truncated or corrupt?): {exc}", file=path, day=day) from None
 
@@ -122,17 +184,12 @@ class RequestDict:
             raise DataError(f"request {missing} has no {label!r} list", file=self.path, day=day, column=label) from None
         except TypeError:
             raise DataError("values must be dicts {stage_label: array}", file=self.path, day=day) from None
-        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
         try:
-            rows = np.concatenate(arrays) if arrays else np.zeros((0, len(schema.REQUEST_ARRAY_COLUMNS)), np.int64)
-        except ValueError as exc:
-            raise DataError(f"arrays must all be [n, 8]: {exc}", file=self.path, day=day, column=label) from None
-        if rows.ndim != 2 or rows.shape[1] != len(schema.REQUEST_ARRAY_COLUMNS) or rows.dtype.kind not in "iu":
-            raise DataError(
-                f"arrays must be integer [n, {len(schema.REQUEST_ARRAY_COLUMNS)}], got {rows.dtype} {rows.shape[1:]}",
-                file=self.path, day=day, column=label,
-            )
-        return rows.astype(np.int64, copy=False), lengths
+            lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        except TypeError:
+            raise DataError("values must be arrays [n, 8]", file=self.path, day=day, column=label) from None
+        rows = join_rows(arrays, len(schema.REQUEST_ARRAY_COLUMNS), "request_id_dict lists", self.path, day, label)
+        return rows, lengths
 
 
 def load_request_dict(root: Path, day: dt.date) -> RequestDict:
@@ -159,14 +216,10 @@ def load_histories(root: Path, day: dt.date, request_ids: np.ndarray) -> np.ndar
         )
     arrays = list(map(data.__getitem__, request_ids.tolist()))
     lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-    try:
-        # concatenate + reshape: np.stack would add a Python-level step per request.
-        stacked = np.concatenate(arrays).reshape(len(arrays), schema.SEQ_LEN, -1) if np.all(lengths == schema.SEQ_LEN) else None
-    except ValueError:
-        stacked = None
-    if stacked is None or stacked.shape[2] != len(schema.SEQ_COLUMNS) or stacked.dtype.kind not in "iu":
-        raise DataError(
-            f"histories must all be integer arrays [{schema.SEQ_LEN}, {len(schema.SEQ_COLUMNS)}]",
-            file=path, day=day,
-        )
-    return stacked.astype(np.int64, copy=False)
+    if not np.all(lengths == schema.SEQ_LEN):
+        bad = np.flatnonzero(lengths != schema.SEQ_LEN)[0]
+        raise DataError(f"history of request {request_ids[bad]} has {lengths[bad]} rows, not {schema.SEQ_LEN}",
+                        file=path, day=day)
+    rows = join_rows(arrays, len(schema.SEQ_COLUMNS), "histories", path, day)
+    return rows.reshape(len(arrays), schema.SEQ_LEN, len(schema.SEQ_COLUMNS))
+

@@ -63,7 +63,7 @@ _CHANNELS = {"interest": 0.35, "intent": 0.2, "recent": 0.15, "popular": 0.15}
 _RECENT_VIEWS = 5  # the "recent" channel expands the user's last views (yesterday's feature snapshot)
 _GOLDEN = (np.sqrt(5) - 1) / 2  # step of the Weyl sequence that replaces repeated pool videos
 _WATCH_OFFSET, _WATCH_NOISE = 4.0, 0.8  # watch fraction = sigmoid(utility - offset + noise): ~60% effective
-_INTERACTION_OFFSETS = {"like": 7.5, "comment": 8.5, "forward": 9.0, "follow": 9.5}  # rarer and rarer (5% .. 1%)
+_INTERACTION_OFFSETS = {"like": 8.0, "comment": 8.5, "forward": 9.0, "follow": 9.5}  # rarer and rarer (~6% .. 2%)
 
 
 @dataclass
@@ -189,12 +189,13 @@ class SynthReport:
             f"  {len(days)} day(s) {days[0]} .. {days[-1]}: {self.requests:,} requests, {self.all_stage_rows:,} "
             f"all_stage rows, {self.realshow_rows:,} realshow rows ({self.effective_view_rate:.1%} effective views)",
             f"  generated in {self.seconds:.1f} s ({self.requests_per_s:,.0f} requests/s)",
-            f"  joint recall on {days[-1]}:              random  noise-free production score",
+            f"  {'joint recall on ' + str(days[-1]):<36}{'random':>8}{'noise-free':>12}",
         ]
         for stages, quotas in SERVING_QUOTAS.items():
             recall = self.joint_recall[f"{stages}-stage"]
             flow = " -> ".join(map(str, (schema.StageSetting(stages).num_candidates, *quotas)))
-            lines.append(f"    {stages}-stage, {flow:<20} {recall['random']:6.3f}  {recall['noise_free']:6.3f}")
+            lines.append(f"    {f'{stages}-stage, {flow}':<34}{recall['random']:>8.3f}{recall['noise_free']:>12.3f}")
+        lines.append("  (noise-free: every stage scores with the production ranking score, without its noise)")
         return "\n".join(lines)
 
 

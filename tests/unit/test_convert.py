@@ -262,3 +262,16 @@ def test_time_features_use_the_fixed_zone() -> None:
     got = convert.time_features(np.array([int(ts * 1000)]), "ms")
     assert (got["weekday"][0], got["hour"][0], got["minute"][0]) == (6, 24, 31)
     assert convert.on_day(np.array([int(ts * 1000)]), dt.date(2024, 1, 13))[0]
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_day_pickles_of_any_protocol_read_as_numpy_would(protocol: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(protocol)
+    lists = {rid: {"rank_pos": rng.integers(0, 1000, size=(int(rng.integers(0, 4)), 8))} for rid in range(50)}
+    path = tmp_path / "d.pkl"
+    path.write_bytes(pickle.dumps(lists, protocol=protocol))
+    loaded = raw._load_pickle(path, None)
+    rows = raw.join_rows([v["rank_pos"] for v in loaded.values()], 8, "lists", path, None)
+    assert np.array_equal(rows, np.concatenate([v["rank_pos"] for v in lists.values()]))
+    with pytest.raises(DataError, match="must all be integer arrays"):
+        raw.join_rows([np.zeros((2, 7), np.int64)], 8, "lists", path, None)
