@@ -109,6 +109,9 @@ GROUPS: dict[int, tuple[str, ...]] = {
 }
 """Candidate groups per stage setting, in candidate order; the first group is the ground truth."""
 
+STAGE_NAMES: dict[int, tuple[str, ...]] = {2: ("retrieval", "ranking"), 3: ("retrieval", "prerank", "ranking")}
+"""Stage (model) names of each cascade setting, in cascade order."""
+
 SERVING_QUOTAS: dict[int, tuple[int, ...]] = {2: (30, 20), 3: (40, 30, 20)}
 """Items each stage keeps when serving, in cascade order; also each stage's m in Recall@10@m."""
 

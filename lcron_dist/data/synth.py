@@ -173,6 +173,7 @@ class SynthReport:
 
     @property
     def requests_per_s(self) -> float:
+        """Generation throughput."""
         return self.requests / max(self.seconds, 1e-9)
 
     def to_json(self) -> dict[str, Any]:
@@ -183,6 +184,7 @@ class SynthReport:
                 "joint_recall": self.joint_recall}
 
     def summary(self) -> str:
+        """A short human-readable table: sizes, throughput and the calibration numbers."""
         days = self.config.day_list
         lines = [
             f"synthetic RecFlow twin -> {self.out_root}",
@@ -229,6 +231,14 @@ class _UserState:
 
     intent: np.ndarray  # [U] category_level_two
     views: dict[str, np.ndarray]  # video (internal), ts, play, request: each [U, L], left-padded, ts 0 = padding
+
+
+def _normalise(weights: np.ndarray) -> np.ndarray:
+    return weights / weights.sum()
+
+
+def _day_start_ms(day: dt.date) -> int:
+    return int(dt.datetime.combine(day, dt.time(), tzinfo=ZoneInfo(schema.TIME_ZONE)).timestamp() * 1000)
 
 
 def _build_world(config: SynthConfig) -> _World:
@@ -297,14 +307,6 @@ def _build_world(config: SynthConfig) -> _World:
         user_cat_cdf=(np.arange(num_users)[:, None] + cdf).ravel(),
         context=rng.standard_normal((24, _NUM_CAT1)).astype(np.float32), boost=boost,
     )
-
-
-def _normalise(weights: np.ndarray) -> np.ndarray:
-    return weights / weights.sum()
-
-
-def _day_start_ms(day: dt.date) -> int:
-    return int(dt.datetime.combine(day, dt.time(), tzinfo=ZoneInfo(schema.TIME_ZONE)).timestamp() * 1000)
 
 
 class _Streams:
@@ -490,10 +492,9 @@ def _histories(state: _UserState, requests: dict[str, np.ndarray], videos: np.nd
     carried_user, carried_slot = np.nonzero(state.views["ts"] > 0)
     # Index 0 is a zero sentinel (key -1), so that padded window rows gather zeros.
     keys = np.concatenate([[-1], carried_user * (num_requests + 1), users[request] * (num_requests + 1) + request + 1])
-    events = {name: np.concatenate([[0], column[carried_user, carried_slot], today]) for name, column, today in (
-        ("video", state.views["video"], videos[request, slot]), ("ts", state.views["ts"], ts[request]),
-        ("play", state.views["play"], feedback["playing_time"][request, slot]),
-        ("request", state.views["request"], request_ids[request]))}
+    today = {"video": videos[request, slot], "ts": ts[request], "play": feedback["playing_time"][request, slot],
+             "request": request_ids[request]}
+    events = {name: np.concatenate([[0], state.views[name][carried_user, carried_slot], today[name]]) for name in today}
     order = np.argsort(keys, kind="stable")
     keys, events = keys[order], {name: column[order] for name, column in events.items()}
     base = users * (num_requests + 1)
@@ -505,6 +506,7 @@ def _histories(state: _UserState, requests: dict[str, np.ndarray], videos: np.nd
 
 
 def _item_columns(world: _World, videos: np.ndarray) -> dict[str, np.ndarray]:
+    """The published item columns of internal video indices (any shape)."""
     return {name: column[videos] for name, column in world.items.items()}
 
 
@@ -520,6 +522,7 @@ def _write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _write_pickle(path: Path, obj: Any) -> None:
+    """Pickle obj to path through _write."""
     def dump(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -608,7 +611,10 @@ def _calibrate(funnel: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, 
 
 def _draw_requests(world: _World, config: SynthConfig, state: _UserState, day: dt.date, first_id: int,
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The day's requests in time order [R]: logged request columns, plus the hidden 'intent' and 'hour'."""
+    """The day's requests in time order [R]: logged request columns, plus the hidden 'intent' and 'hour'.
+
+    Advances each user's intent in state to the intent of their last request of the day.
+    """
     num = config.requests_per_day
     users = rng.choice(config.num_users, num, p=world.user_activity)
     day_start = _day_start_ms(day)

@@ -3,16 +3,16 @@
 Reduction rule of every loss (METHOD.md writes LCRON's as mean_b mean_j): a loss is first averaged
 over the terms of one request (its real items, or its real pairs), then over the requests that have
 at least one term and meet the loss's own validity condition (e.g. more real items than a top-q cut).
-With full groups this is exactly the research code's mean over all B x N entries; with padding, padded
-items never count and a request that has nothing to learn from does not dilute the batch mean.
+For a per-item loss on full groups this is exactly the research code's mean over all B x N entries;
+with padding, padded items never count and a request with nothing to learn from does not dilute the mean.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,7 @@ from torch import nn
 
 from lcron_dist.data import schema
 
-STAGE_NAMES: dict[int, tuple[str, ...]] = {
-    2: ("retrieval", "ranking"),
-    3: ("retrieval", "prerank", "ranking"),
-}
+STAGE_NAMES = schema.STAGE_NAMES
 """Stage (model) names in cascade order; `scores` holds one tensor per stage in this order."""
 
 _SERVING_GROUPS: dict[int, tuple[int, ...]] = {2: (3, 2), 3: (4, 3, 2)}
@@ -114,7 +111,8 @@ class CascadeLoss(nn.Module):
     """Base of every loss: checks the inputs against the layout and builds the label view.
 
     Subclasses implement `compute(scores, cands)`. Scores are promoted to at least float32, because
-    NeuralSort's n·s/τ logits and the log(· + ε) terms are meaningless in 16-bit precision.
+    NeuralSort's n·s/τ logits and the log(· + ε) terms are meaningless in 16-bit precision, and zeroed on
+    padded items.
     """
 
     def __init__(self, num_stages: int, group_size: int = schema.GROUP_SIZE) -> None:
@@ -143,7 +141,7 @@ class CascadeLoss(nn.Module):
         for name, tensor in [*zip(layout.stage_names, scores), ("relevance", relevance), ("mask", mask)]:
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} must be [B, N] = {list(shape)} for this layout, got {list(tensor.shape)}")
-        dtype = torch.promote_types(scores[0].dtype, torch.float32)
+        dtype = functools.reduce(torch.promote_types, [s.dtype for s in scores], torch.float32)
         mask = mask.bool()
         position = torch.arange(layout.num_items, device=mask.device)
         cands = Candidates(
@@ -153,9 +151,20 @@ class CascadeLoss(nn.Module):
             position=position,
             num_real=mask.sum(dim=1),
         )
-        return self.compute([s.to(dtype) for s in scores], cands)
+        # Padded scores may be anything, NaN included: zeroing them keeps both the forward and the
+        # gradient (exactly 0 on padded entries) of every loss independent of them.
+        return self.compute([torch.where(mask, s.to(dtype), 0) for s in scores], cands)
 
     def compute(self, scores: list[torch.Tensor], cands: Candidates) -> LossOutput:
+        """The loss itself.
+
+        Args:
+            scores: one [B, N] tensor per stage, in cascade order: at least float32, 0 on padded items.
+            cands: the label view of the batch.
+
+        Returns:
+            LossOutput built with `output`.
+        """
         raise NotImplementedError
 
     @classmethod

@@ -2,8 +2,8 @@
 
 Stage i's soft survival indicator is I_i = σ((s_i − κ_i(s_i)) / σ_I), κ_i = the cutoff-th largest real
 score. The fused score credits each item to the stage that drops it:
-f = Σ_{i<T} scale_i·(Π_{j<i} I_j)·(1 − I_i)·s_i + scale_T·(Π_{j≤T} I_j)·s_T, i.e. (1 − I_R)·s_R + I_R·I_P·s_P
-for 2 stages. Loss: −log σ(f_i − f_j) over real pairs with label_i > label_j.
+f = Σ_{i<T} scale_i·(Π_{j<i} I_j)·(1 − I_i)·s_i + scale_T·(Π_{j≤T} I_j)·s_T,
+i.e. (1 − I_R)·s_R + I_R·I_P·s_P for 2 stages. Loss: −log σ(f_i − f_j) over real pairs with label_i > label_j.
 
 Choices where METHOD.md is open, each an option:
 - cutoffs default to the serving quotas (30/20, 40/30/20); the research code used 30/30 and 40/30/30.

@@ -153,7 +153,8 @@ class LCRONLoss(CascadeLoss):
         learned = weighting != "fixed"
         # Learned weights, initialised to 1 and trained with the models by the dense optimiser.
         self.stage_weights = nn.Parameter(torch.ones(num_stages)) if learned and use_single else None
-        self.e2e_weight = nn.Parameter(torch.ones(())) if weighting == "uwl_paper" and use_e2e else None
+        # Shape [1], not []: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
+        self.e2e_weight = nn.Parameter(torch.ones(1)) if weighting == "uwl_paper" and use_e2e else None
 
     def compute(self, scores: list[torch.Tensor], cands: Candidates) -> LossOutput:
         perms = [self.sort(s, self.tau, cands.mask) for s in scores]  # T x [B, N, N]
@@ -192,5 +193,5 @@ class LCRONLoss(CascadeLoss):
         log = torch.log if self.weighting == "uwl" else torch.log2
         terms = [uncertainty_term(s, w, log) for s, w in zip(singles, self.stage_weights)] if singles else []
         if e2e is not None:
-            terms.append(e2e if self.e2e_weight is None else uncertainty_term(e2e, self.e2e_weight, log))
+            terms.append(e2e if self.e2e_weight is None else uncertainty_term(e2e, self.e2e_weight[0], log))
         return torch.stack(terms).sum()

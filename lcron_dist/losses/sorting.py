@@ -11,7 +11,7 @@ request with its padded items deleted (rows 1..n_b, columns at the items' origin
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

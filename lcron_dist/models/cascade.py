@@ -18,9 +18,6 @@ from lcron_dist.models.dssm import DSSM
 from lcron_dist.models.embeddings import StageEmbeddings, StageInputs
 from lcron_dist.models.mlp import PrerankMLP
 
-STAGES: dict[int, tuple[str, ...]] = {2: ("retrieval", "ranking"), 3: ("retrieval", "prerank", "ranking")}
-"""Stage names in cascade order."""
-
 
 def build_tower(stage: str, config: ModelConfig) -> nn.Module:
     d = config.emb_dim
@@ -37,7 +34,7 @@ class CascadeDense(nn.Module):
 
     def __init__(self, config: ModelConfig, loss: nn.Module) -> None:
         super().__init__()
-        self.stages = STAGES[config.num_stages]
+        self.stages = schema.STAGE_NAMES[config.num_stages]
         self.towers = nn.ModuleDict({stage: build_tower(stage, config) for stage in self.stages})
         self.loss = loss
 
@@ -59,7 +56,7 @@ class Cascade(nn.Module):
 
     def __init__(self, config: ModelConfig, vocab_sizes: dict[str, int], loss: nn.Module, device: str = "meta") -> None:
         super().__init__()
-        self.stages = STAGES[config.num_stages]
+        self.stages = schema.STAGE_NAMES[config.num_stages]
         self.sparse = nn.ModuleDict({s: StageEmbeddings(s, vocab_sizes, config.emb_dim, device) for s in self.stages})
         self.dense = CascadeDense(config, loss)
 
