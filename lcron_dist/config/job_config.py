@@ -58,10 +58,16 @@ class DataConfig(_Section):
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _check(self.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
         _check(self.reader in ("local",), f"data.reader must be 'local', got {self.reader!r}")
-        if self.train_days:
-            schema.parse_days(self.train_days)
-        if self.test_day:
-            schema.parse_day(self.test_day)
+        try:
+            if self.train_days:
+                schema.parse_days(self.train_days)
+        except ValueError as exc:
+            raise ValueError(f"data.train_days: {exc}") from None
+        try:
+            if self.test_day:
+                schema.parse_day(self.test_day)
+        except ValueError as exc:
+            raise ValueError(f"data.test_day: {exc}") from None
 
 
 @dataclass

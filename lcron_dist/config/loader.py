@@ -46,6 +46,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise ValueError(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float, str):
+        # Strings come from the command line and are parsed; a TOML value must already have the type
+        # (no silent 1.5 -> 1, true -> 1 or 5 -> "5").
+        if not isinstance(value, str) and (
+            isinstance(value, bool) or hint is str or (hint is int and not isinstance(value, int))
+        ):
+            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
         try:
             return hint(value)
         except (TypeError, ValueError):
@@ -54,6 +60,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _apply(section: Any, values: dict[str, Any], where: str) -> None:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a table of fields, got {values!r}")
     hints = typing.get_type_hints(type(section))
     names = [f.name for f in dataclasses.fields(section)]
     for key, value in values.items():
@@ -91,7 +99,10 @@ def _merge_free_form(config: JobConfig, tree: dict[str, Any]) -> None:
             continue
         for key, value in list(fields.items()):
             if isinstance(getattr(section, key, None), dict) and isinstance(value, dict):
-                getattr(section, key).update({k: _parse_scalar(v) for k, v in value.items()})
+                for k, v in value.items():
+                    if not isinstance(v, str):
+                        raise ValueError(f"override --{section_name}.{key}.{k}.*: {key} takes one level of keys")
+                    getattr(section, key)[k] = _parse_scalar(v)
                 del fields[key]
 
 
