@@ -15,23 +15,36 @@ from lcron_dist.models.embeddings import StageInputs
 from lcron_dist.models.layers import build_mlp
 
 
-def attention_pool(
-    history_part: torch.Tensor, target_part: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
-    history: torch.Tensor, history_mask: torch.Tensor,
+def attention_logits(
+    history_part: torch.Tensor, target_part: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor
 ) -> torch.Tensor:
-    """Attention-weighted sum of the history for every candidate.
+    """Attention MLP output for every (candidate, history position) pair.
+
+    This is the only place the [B, N, L, A] hidden tensor exists; it is the function worth compiling
+    (measured here: fused, forward + backward at B=1024, N=40, L=50, A=80 take ~0.12 s instead of
+    over 1 s eager; compiling the softmax with it made the backward 4x slower).
 
     Args:
         history_part: [B, L, A] first attention layer applied to the history items (no bias).
         target_part: [B, N, A] first attention layer applied to the candidates (with bias).
         out_weight: [A] second attention layer; out_bias: [] its bias.
-        history: [B, L, E] history embeddings; history_mask: [B, L] bool, valid positions.
+
+    Returns:
+        [B, N, L] logits.
+    """
+    hidden = torch.relu(history_part.unsqueeze(1) + target_part.unsqueeze(2))  # [B, N, L, A]
+    return hidden @ out_weight + out_bias
+
+
+def attention_pool(logits: torch.Tensor, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the valid history positions, then the weighted sum of the history.
+
+    Args:
+        logits: [B, N, L]; history: [B, L, E]; history_mask: [B, L] bool, valid positions.
 
     Returns:
         [B, N, E] interest vector per candidate; zeros for a request without history.
     """
-    hidden = torch.relu(history_part.unsqueeze(1) + target_part.unsqueeze(2))  # [B, N, L, A]
-    logits = hidden @ out_weight + out_bias  # [B, N, L]
     mask = history_mask.unsqueeze(1)  # [B, 1, L]
     # A finite fill keeps an all-padding history from producing NaN; multiplying by the mask zeroes it.
     weights = torch.softmax(logits.masked_fill(~mask, -1e9), dim=-1) * mask
@@ -46,7 +59,7 @@ class DIN(nn.Module):
         history_dim: width of one embedded history position (also the candidate part it attends with).
         attention_hidden: hidden width of the attention MLP.
         hidden: head sizes (a 1-unit output layer follows).
-        compile: run attention_pool under torch.compile.
+        compile: run attention_logits under torch.compile.
     """
 
     def __init__(self, user_dim: int, history_dim: int, item_dim: int, attention_hidden: int, hidden: list[int],
@@ -56,7 +69,7 @@ class DIN(nn.Module):
         self.attention_in = nn.Linear(2 * history_dim, attention_hidden)  # on [history ‖ target]
         self.attention_out = nn.Linear(attention_hidden, 1)
         self.head = build_mlp(user_dim + history_dim + item_dim, hidden, out_dim=1)
-        self.pool = torch.compile(attention_pool, dynamic=True) if compile else attention_pool
+        self.logits = torch.compile(attention_logits, dynamic=True) if compile else attention_logits
 
     def split_attention_input(self, x: StageInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The first attention layer, split into its history part [B, L, A] and target part [B, N, A]."""
@@ -66,8 +79,8 @@ class DIN(nn.Module):
 
     def forward(self, x: StageInputs) -> torch.Tensor:
         history_part, target_part = self.split_attention_input(x)
-        interest = self.pool(history_part, target_part, self.attention_out.weight.view(-1),
-                             self.attention_out.bias.view(()), x.history, x.history_mask)
+        logits = self.logits(history_part, target_part, self.attention_out.weight.view(-1), self.attention_out.bias.view(()))
+        interest = attention_pool(logits, x.history, x.history_mask)
         n = x.item.shape[1]
         user = x.user.unsqueeze(1).expand(-1, n, -1)
         return self.head(torch.cat([user, interest, x.item], dim=-1)).squeeze(-1)  # [B, N]
