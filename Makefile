@@ -20,11 +20,16 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# The main job: synthetic RecFlow twin -> Parquet day shards -> validate -> train LCRON and BCE on
+# small-2stage -> a table of both results.
 demo: venv
 	$(VENV)/bin/lcron-data synth --preset small --out $(DEMO_DIR)/raw
-	$(VENV)/bin/lcron-data convert --src $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset --stages 2 --workers 2
-	$(VENV)/bin/lcron-data validate $(DEMO_DIR)/dataset
-	$(VENV)/bin/lcron-data summary $(DEMO_DIR)/dataset
+	$(VENV)/bin/lcron-data convert --src $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset-2stage --stages 2 --workers 2
+	$(VENV)/bin/lcron-data --quiet validate $(DEMO_DIR)/dataset-2stage
+	$(VENV)/bin/lcron-data summary $(DEMO_DIR)/dataset-2stage
+	rm -rf runs/demo
+	$(PY) tools/compare_methods.py --config configs/small-2stage.toml --methods lcron,bce --seeds 0 \
+		--out runs/demo --data.path=$(DEMO_DIR)/dataset-2stage
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

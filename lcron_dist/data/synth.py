@@ -36,9 +36,6 @@ from lcron_dist.metrics import joint_recall
 REPORT_PATH = "others/synth_report.json"
 """Calibration report written beside id_cnt.pkl (the converter ignores it)."""
 
-SERVING_QUOTAS: dict[int, tuple[int, ...]] = {2: (30, 20), 3: (40, 30, 20)}
-"""Items each stage keeps when the joint recall is measured (METHOD.md section 7)."""
-
 _CHUNK = 2048  # requests simulated at once: bounds memory ([C, P, D] float32 ≈ 50 MB), not the output
 _WORLD, _REQUESTS, _FUNNEL, _FEEDBACK = range(4)  # seed purposes
 _RANK_KEEP = schema.MAX_POSITIVE_INDEX  # the ranking stage passes 20 items on to re-ranking
@@ -193,7 +190,7 @@ class SynthReport:
             f"  generated in {self.seconds:.1f} s ({self.requests_per_s:,.0f} requests/s)",
             f"  {'joint recall on ' + str(days[-1]):<36}{'random':>8}{'noise-free':>12}",
         ]
-        for stages, quotas in SERVING_QUOTAS.items():
+        for stages, quotas in schema.SERVING_QUOTAS.items():
             recall = self.joint_recall[f"{stages}-stage"]
             flow = " -> ".join(map(str, (schema.StageSetting(stages).num_candidates, *quotas)))
             lines.append(f"    {f'{stages}-stage, {flow}':<34}{recall['random']:>8.3f}{recall['noise_free']:>12.3f}")
@@ -595,7 +592,7 @@ def _calibrate(funnel: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, 
     scores |= {g: funnel[f"score_{g}"][:, :size] for g in ("rank_pos", "rank_neg", "coarse_neg", "prerank_neg")}
     generator = torch.Generator().manual_seed(seed)
     result = {}
-    for stages, quotas in SERVING_QUOTAS.items():
+    for stages, quotas in schema.SERVING_QUOTAS.items():
         production = torch.from_numpy(np.concatenate([scores[g] for g in schema.GROUPS[stages]], axis=1))  # [R, N]
         target = torch.zeros(production.shape, dtype=torch.bool)
         target[:, :size] = True

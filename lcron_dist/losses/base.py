@@ -209,23 +209,6 @@ def batch_mean(per_request: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, per_request, 0).sum(0) / valid.sum(0).clamp(min=1)
 
 
-def top_m_mask(scores: torch.Tensor, eligible: torch.Tensor, m: int) -> torch.Tensor:
-    """Each request's top-m eligible items by score (deterministic; a request with fewer keeps all).
-
-    Args:
-        scores: [B, N] scores (no gradient needed: the selection is hard).
-        eligible: [B, N] bool, items that may be kept.
-        m: items to keep.
-
-    Returns:
-        [B, N] bool mask of the kept items.
-    """
-    m = min(m, scores.shape[1])
-    top = scores.detach().masked_fill(~eligible, float("-inf")).topk(m, dim=1).indices  # [B, m]
-    kept = torch.zeros_like(eligible).scatter_(1, top, True)
-    return kept & eligible
-
-
 def pairwise_logistic(scores: torch.Tensor) -> torch.Tensor:
     """RankNet loss of every ordered pair: entry (i, j) = −log σ(s_i − s_j), i.e. "i should beat j".
 

@@ -31,9 +31,9 @@ from lcron_dist.losses.base import (
     batch_mean,
     output,
     request_mean,
-    top_m_mask,
 )
 from lcron_dist.losses.bce import bce_per_item
+from lcron_dist.metrics.recall import top_m_mask
 
 _DEFAULT_RANK_WEIGHT = {2: 0.0, 3: 1.0}
 
