@@ -44,35 +44,41 @@ def list_days(root: Path) -> list[dt.date]:
     return sorted(days)
 
 
-class RawArray:
-    """Stands in for an ndarray while a day's pickle is read: its shape, dtype and bytes only.
+class RawArray(tuple):
+    """Stands in for an ndarray while a day's pickle is read: (data, dtype, shape, order) only.
 
     A RecFlow day pickles hundreds of thousands of small arrays; building a numpy object for each
-    costs more than the rest of the conversion. Kept raw, one stage label's arrays of a whole day
-    become one numpy array with a single join of their bytes (see join_rows).
+    costs more than the rest of the conversion. Kept raw (a tuple: no per-array Python object
+    set-up), one stage label's arrays of a whole day become one numpy array with a single join of
+    their bytes (see join_rows).
     """
 
-    __slots__ = ("shape", "dtype", "data", "fortran")
-
-    def __init__(self, shape: tuple = (), dtype: Any = None, data: Any = b"", fortran: bool = False) -> None:
-        self.shape, self.dtype, self.data, self.fortran = tuple(shape), dtype, data, fortran
-
-    def __len__(self) -> int:
-        return self.shape[0] if self.shape else 0
-
-    def __setstate__(self, state: tuple) -> None:  # protocol <= 4: ndarray.__setstate__'s state tuple
-        _, self.shape, self.dtype, self.fortran, self.data = state
+    __slots__ = ()
+    data = property(operator.itemgetter(0))
+    dtype = property(operator.itemgetter(1))
+    shape = property(operator.itemgetter(2))
+    order = property(operator.itemgetter(3))
 
     def to_numpy(self) -> np.ndarray:
-        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape, order="F" if self.fortran else "C")
+        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape, order=self.order)
 
 
-def _frombuffer(data: Any, dtype: Any, shape: tuple, order: str) -> RawArray:  # protocol 5
-    return RawArray(shape, dtype, data, order == "F")
+def _frombuffer(*args: Any) -> RawArray:  # protocol 5: _frombuffer(data, dtype, shape, order)
+    return tuple.__new__(RawArray, args)
 
 
-def _reconstruct(cls: Any, shape: tuple, dtype: Any) -> RawArray:  # protocol <= 4, state follows
-    return RawArray()
+class _PendingArray:
+    """Protocol <= 4 builds an array in two steps (_reconstruct, then __setstate__ with the bytes)."""
+
+    __slots__ = ("array",)
+
+    def __setstate__(self, state: tuple) -> None:
+        _, shape, dtype, fortran, data = state
+        self.array = tuple.__new__(RawArray, (data, dtype, tuple(shape), "F" if fortran else "C"))
+
+
+def _reconstruct(cls: Any, shape: tuple, dtype: Any) -> _PendingArray:
+    return _PendingArray()
 
 
 class _DayUnpickler(pickle.Unpickler):
@@ -84,13 +90,27 @@ class _DayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def resolve(values: list) -> list:
+    """Finish arrays that protocol <= 4 pickles delivered in two steps."""
+    return [v.array if type(v) is _PendingArray else v for v in values]
+
+
+def row_counts(arrays: list, what: str, path: Path, day: dt.date | None, column: str | None = None) -> np.ndarray:
+    """[len(arrays)] int64 leading dimension of each array (RawArray or ndarray)."""
+    try:
+        return np.fromiter(map(operator.itemgetter(0), map(operator.attrgetter("shape"), arrays)),
+                           dtype=np.int64, count=len(arrays))
+    except (AttributeError, IndexError, TypeError):
+        raise DataError(f"{what} must all be integer arrays", file=path, day=day, column=column) from None
+
+
 def join_rows(arrays: list, width: int, what: str, path: Path, day: dt.date | None, column: str | None = None) -> np.ndarray:
     """Stack a list of int [n_i, width] arrays (RawArray or ndarray) into one int64 [sum n_i, width] array."""
     kinds = set(map(type, arrays))
     if kinds <= {RawArray}:
         dtypes = {a.dtype for a in arrays}
         good = (len(dtypes) <= 1 and all(np.dtype(d).kind in "iu" for d in dtypes)
-                and all(len(a.shape) == 2 and a.shape[1] == width and not a.fortran for a in arrays))
+                and all(len(a.shape) == 2 and a.shape[1] == width and a.order == "C" for a in arrays))
         if good:
             dtype = np.dtype(dtypes.pop()) if dtypes else np.dtype(np.int64)
             flat = np.frombuffer(b"".join(map(operator.attrgetter("data"), arrays)), dtype=dtype)
@@ -178,16 +198,13 @@ class RequestDict:
             lengths: [R] int64, rows per request.
         """
         try:
-            arrays = list(map(operator.itemgetter(label), self.entries))
+            arrays = resolve(list(map(operator.itemgetter(label), self.entries)))
         except KeyError:
             missing = next(rid for rid, entry in zip(self.request_ids, self.entries) if label not in entry)
             raise DataError(f"request {missing} has no {label!r} list", file=self.path, day=day, column=label) from None
         except TypeError:
             raise DataError("values must be dicts {stage_label: array}", file=self.path, day=day) from None
-        try:
-            lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-        except TypeError:
-            raise DataError("values must be arrays [n, 8]", file=self.path, day=day, column=label) from None
+        lengths = row_counts(arrays, "request_id_dict lists", self.path, day, label)
         rows = join_rows(arrays, len(schema.REQUEST_ARRAY_COLUMNS), "request_id_dict lists", self.path, day, label)
         return rows, lengths
 
@@ -214,8 +231,8 @@ def load_histories(root: Path, day: dt.date, request_ids: np.ndarray) -> np.ndar
             f"{missing.size} request(s) have no history entry, e.g. request {missing[0]} (every request needs a key)",
             file=path, day=day,
         )
-    arrays = list(map(data.__getitem__, request_ids.tolist()))
-    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    arrays = resolve(list(map(data.__getitem__, request_ids.tolist())))
+    lengths = row_counts(arrays, "histories", path, day)
     if not np.all(lengths == schema.SEQ_LEN):
         bad = np.flatnonzero(lengths != schema.SEQ_LEN)[0]
         raise DataError(f"history of request {request_ids[bad]} has {lengths[bad]} rows, not {schema.SEQ_LEN}",
