@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import queue
 import shutil
 import time
 import uuid
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import Manager
 from pathlib import Path
 
 import numpy as np
@@ -236,34 +239,63 @@ class DayResult:
     skipped: bool = False
 
 
-def convert_day(
-    src: Path, out: Path, day: dt.date, num_stages: int, id_counts: dict[str, int],
-    pad_short_groups: bool, rows_per_file: int, force: bool,
-) -> DayResult:
-    """Convert and write one day (skipped when already complete, unless force). Runs in a worker."""
-    if dataset.day_dir(out, day).exists() and not force:
-        return DayResult(day, dataset.count_requests(out, day), 0.0, skipped=True)
-    start = time.perf_counter()
-    table = build_day(src, day, schema.StageSetting(num_stages), id_counts, pad_short_groups)
-    write_day(table, out, day, rows_per_file, force)
-    return DayResult(day, table.num_rows, time.perf_counter() - start)
+def convert_days(
+    src: Path, out: Path, days: list[dt.date], num_stages: int, id_counts: dict[str, int],
+    pad_short_groups: bool, rows_per_file: int, force: bool, done: Callable[[dt.date], None] = lambda day: None,
+) -> list[DayResult]:
+    """Convert and write `days` in order; runs in one worker.
+
+    Each day's Parquet write runs on a writer thread while the next day is built: pyarrow releases
+    the GIL while encoding, so the write overlaps the (GIL-bound) unpickling of the next day. At most
+    one built day waits for its write, so memory stays bounded by two days. A day already complete
+    is skipped unless `force`.
+    """
+    results = []
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: tuple[Future, DayResult] | None = None
+
+        def finish() -> None:
+            future, result = pending
+            future.result()
+            result.seconds = time.perf_counter() - result.seconds
+            results.append(result)
+            done(result.day)
+
+        for day in days:
+            if dataset.day_dir(out, day).exists() and not force:
+                results.append(DayResult(day, dataset.count_requests(out, day), 0.0, skipped=True))
+                done(day)
+                continue
+            start = time.perf_counter()
+            table = build_day(src, day, schema.StageSetting(num_stages), id_counts, pad_short_groups)
+            if pending is not None:
+                finish()
+            # seconds holds the start until the write is done: a day's time is build + write.
+            pending = (writer.submit(write_day, table, out, day, rows_per_file, force), DayResult(day, table.num_rows, start))
+        if pending is not None:
+            finish()
+    return results
 
 
 @dataclass
 class ConvertReport:
     out: Path
     results: list[DayResult] = field(default_factory=list)
+    seconds: float = 0.0
+    """Wall time of the whole conversion (days overlap: a day's write runs beside the next build)."""
+    workers: int = 1
 
     def summary(self) -> str:
         done = [r for r in self.results if not r.skipped]
         total = sum(r.requests for r in done)
-        busy = sum(r.seconds for r in done)
         lines = [f"converted {len(done)} day(s), skipped {len(self.results) - len(done)} complete day(s) -> {self.out}"]
         for r in self.results:
             note = "skipped (complete; --force to redo)" if r.skipped else f"{r.seconds:6.2f} s, {r.requests / max(r.seconds, 1e-9):,.0f} requests/s"
             lines.append(f"  {r.day}  {r.requests:>9,} requests  {note}")
         if done:
-            lines.append(f"  total {total:,} requests, {total / max(busy, 1e-9):,.0f} requests/s per worker")
+            rate = total / max(self.seconds, 1e-9)
+            lines.append(f"  total {total:,} requests in {self.seconds:.1f} s: {rate:,.0f} requests/s, "
+                         f"{rate / self.workers:,.0f} per worker ({self.workers} worker(s))")
         return "\n".join(lines)
 
 
@@ -302,24 +334,30 @@ def convert(
     report = ConvertReport(out)
     args = (num_stages, id_counts, pad_short_groups, rows_per_file, force)
     bar = tqdm(total=len(days), desc="convert", unit="day", disable=not progress)
+    start = time.perf_counter()
     if workers <= 1:
-        for day in days:
-            report.results.append(convert_day(src, out, day, *args))
-            bar.update()
+        report.results = convert_days(src, out, days, *args, done=lambda day: bar.update())
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(convert_day, src, out, day, *args) for day in days]
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                bar.update(len(finished))
-                for future in finished:
-                    if future.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise future.exception()
-            report.results = [f.result() for f in futures]
+        # Each worker takes every W-th day, so its writer thread can overlap its own days.
+        with Manager() as manager, ProcessPoolExecutor(max_workers=workers) as pool:
+            finished = manager.Queue()
+            futures = [pool.submit(convert_days, src, out, days[w::workers], *args, done=finished.put)
+                       for w in range(workers)]
+            while not all(f.done() for f in futures):
+                try:
+                    finished.get(timeout=0.2)
+                    bar.update()
+                except queue.Empty:
+                    pass
+                failed = [f for f in futures if f.done() and f.exception() is not None]
+                if failed:
+                    for other in futures:
+                        other.cancel()
+                    raise failed[0].exception()
+            report.results = sorted((r for f in futures for r in f.result()), key=lambda r: r.day)
     bar.close()
+    report.seconds = time.perf_counter() - start
+    report.workers = workers
 
     all_days = dataset.list_days(out)
     dataset.write_meta(out, dataset.DatasetMeta(
