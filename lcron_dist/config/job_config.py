@@ -132,16 +132,50 @@ class TrainConfig(_Section):
         _check(self.max_steps_per_day >= 0, f"train.max_steps_per_day must be >= 0, got {self.max_steps_per_day}")
 
 
+SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise",
+                  "table_column_wise")
+TABLE_OPTIMIZERS = ("adam", "rowwise_adagrad", "adagrad", "sgd")
+
+
 @dataclass
 class ParallelismConfig(_Section):
     sharding: str = "data_parallel"
-    """TorchRec sharding of every embedding table: data_parallel (tables replicated; Adam via torch)."""
+    """Default TorchRec sharding of every table: auto (the planner chooses) or one sharding type."""
+    table_sharding: dict[str, Any] = field(default_factory=dict)
+    """Per-table overrides: {table or feature kind: sharding}, e.g. {video_id = "row_wise"} or
+    {"ranking__video_id" = "table_wise"}; a full table name wins over a kind."""
+    table_optimizer: str = "adam"
+    """Optimizer of the embedding tables: adam, rowwise_adagrad, adagrad or sgd. Sharded tables run it
+    fused in the backward (on CPU fbgemm offers no fused Adam); data-parallel tables use torch's."""
+    table_lr: float = 0.0
+    """Learning rate of the tables (0 = optim.lr)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3) of the dense parameters."""
+    bf16: bool = False
+    """bf16 autocast of the dense towers on CUDA (ignored on CPU)."""
+    hbm_gb: float = 0.0
+    """Planner: accelerator memory per rank in GiB (0 = TorchRec's default for the device)."""
+    ddr_gb: float = 0.0
+    """Planner: host memory per rank in GiB (0 = TorchRec's default)."""
+    intra_host_bw_gbps: float = 0.0
+    """Planner: bandwidth between ranks of one host in GB/s (0 = TorchRec's default)."""
+    inter_host_bw_gbps: float = 0.0
+    """Planner: bandwidth between hosts in GB/s (0 = TorchRec's default)."""
+    local_world_size: int = 0
+    """Planner: ranks per host (0 = the launcher's LOCAL_WORLD_SIZE, else the world size)."""
 
     def validate(self) -> None:
-        _check(self.sharding in ("data_parallel",), f"parallelism.sharding must be data_parallel, got {self.sharding!r}")
+        _check(self.sharding in SHARDING_TYPES,
+               f"parallelism.sharding must be one of {', '.join(SHARDING_TYPES)}, got {self.sharding!r}")
+        for table, kind in self.table_sharding.items():
+            _check(kind in SHARDING_TYPES, f"parallelism.table_sharding.{table} must be one of "
+                                           f"{', '.join(SHARDING_TYPES)}, got {kind!r}")
+        _check(self.table_optimizer in TABLE_OPTIMIZERS, f"parallelism.table_optimizer must be one of "
+                                                         f"{', '.join(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}")
+        _check(self.table_lr >= 0, f"parallelism.table_lr must be >= 0, got {self.table_lr}")
         _check(self.zero_stage in (0, 1, 2, 3), f"parallelism.zero_stage must be 0-3, got {self.zero_stage}")
+        for name in ("hbm_gb", "ddr_gb", "intra_host_bw_gbps", "inter_host_bw_gbps", "local_world_size"):
+            _check(getattr(self, name) >= 0, f"parallelism.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

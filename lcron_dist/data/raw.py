@@ -44,41 +44,36 @@ def list_days(root: Path) -> list[dt.date]:
     return sorted(days)
 
 
-class RawArray(tuple):
-    """Stands in for an ndarray while a day's pickle is read: (data, dtype, shape, order) only.
+_DATA, _DTYPE, _SHAPE, _ORDER = range(4)
+"""Fields of a raw array record: the arguments numpy pickles an array with (protocol 5)."""
 
-    A RecFlow day pickles hundreds of thousands of small arrays; building a numpy object for each
-    costs more than the rest of the conversion. Kept raw (a tuple: no per-array Python object
-    set-up), one stage label's arrays of a whole day become one numpy array with a single join of
-    their bytes (see join_rows).
+
+def _frombuffer(*record: Any) -> tuple:
+    """Stands in for numpy's protocol-5 array constructor: keeps (data, dtype, shape, order) as a tuple.
+
+    A RecFlow day pickles hundreds of thousands of small arrays; building an object per array costs
+    more than the rest of the conversion. Kept raw, one stage label's arrays of a whole day become
+    one numpy array with a single join of their bytes (join_rows).
     """
-
-    __slots__ = ()
-    data = property(operator.itemgetter(0))
-    dtype = property(operator.itemgetter(1))
-    shape = property(operator.itemgetter(2))
-    order = property(operator.itemgetter(3))
-
-    def to_numpy(self) -> np.ndarray:
-        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape, order=self.order)
-
-
-def _frombuffer(*args: Any) -> RawArray:  # protocol 5: _frombuffer(data, dtype, shape, order)
-    return tuple.__new__(RawArray, args)
+    return record
 
 
 class _PendingArray:
     """Protocol <= 4 builds an array in two steps (_reconstruct, then __setstate__ with the bytes)."""
 
-    __slots__ = ("array",)
+    __slots__ = ("record",)
 
     def __setstate__(self, state: tuple) -> None:
         _, shape, dtype, fortran, data = state
-        self.array = tuple.__new__(RawArray, (data, dtype, tuple(shape), "F" if fortran else "C"))
+        self.record = (data, dtype, tuple(shape), "F" if fortran else "C")
 
 
 def _reconstruct(cls: Any, shape: tuple, dtype: Any) -> _PendingArray:
     return _PendingArray()
+
+
+def _record_to_numpy(record: tuple) -> np.ndarray:
+    return np.frombuffer(record[_DATA], dtype=record[_DTYPE]).reshape(record[_SHAPE], order=record[_ORDER])
 
 
 class _DayUnpickler(pickle.Unpickler):
@@ -92,30 +87,34 @@ class _DayUnpickler(pickle.Unpickler):
 
 def resolve(values: list) -> list:
     """Finish arrays that protocol <= 4 pickles delivered in two steps."""
-    return [v.array if type(v) is _PendingArray else v for v in values]
+    return [v.record if type(v) is _PendingArray else v for v in values]
+
+
+def _shape(value: Any) -> tuple:
+    return value[_SHAPE] if type(value) is tuple else np.shape(value)
 
 
 def row_counts(arrays: list, what: str, path: Path, day: dt.date | None, column: str | None = None) -> np.ndarray:
-    """[len(arrays)] int64 leading dimension of each array (RawArray or ndarray)."""
+    """[len(arrays)] int64 leading dimension of each array (raw record or ndarray)."""
     try:
-        return np.fromiter(map(operator.itemgetter(0), map(operator.attrgetter("shape"), arrays)),
-                           dtype=np.int64, count=len(arrays))
-    except (AttributeError, IndexError, TypeError):
+        return np.fromiter(map(operator.itemgetter(0), map(_shape, arrays)), dtype=np.int64, count=len(arrays))
+    except (IndexError, TypeError, ValueError):
         raise DataError(f"{what} must all be integer arrays", file=path, day=day, column=column) from None
 
 
 def join_rows(arrays: list, width: int, what: str, path: Path, day: dt.date | None, column: str | None = None) -> np.ndarray:
-    """Stack a list of int [n_i, width] arrays (RawArray or ndarray) into one int64 [sum n_i, width] array."""
-    kinds = set(map(type, arrays))
-    if kinds <= {RawArray}:
-        dtypes = {a.dtype for a in arrays}
+    """Stack int [n_i, width] arrays (raw records or ndarrays) into one int64 [sum n_i, width] array."""
+    if set(map(type, arrays)) <= {tuple}:
+        dtypes = set(map(operator.itemgetter(_DTYPE), arrays))
+        shapes = list(map(operator.itemgetter(_SHAPE), arrays))
         good = (len(dtypes) <= 1 and all(np.dtype(d).kind in "iu" for d in dtypes)
-                and all(len(a.shape) == 2 and a.shape[1] == width and a.order == "C" for a in arrays))
+                and set(map(len, shapes)) <= {2} and set(map(operator.itemgetter(1), shapes)) <= {width}
+                and set(map(operator.itemgetter(_ORDER), arrays)) <= {"C"})
         if good:
             dtype = np.dtype(dtypes.pop()) if dtypes else np.dtype(np.int64)
-            flat = np.frombuffer(b"".join(map(operator.attrgetter("data"), arrays)), dtype=dtype)
+            flat = np.frombuffer(b"".join(map(operator.itemgetter(_DATA), arrays)), dtype=dtype)
             return flat.reshape(-1, width).astype(np.int64, copy=False)
-        arrays = [a.to_numpy() if isinstance(a, RawArray) else a for a in arrays]
+        arrays = [_record_to_numpy(a) if type(a) is tuple else a for a in arrays]
     try:
         rows = np.concatenate([np.asarray(a) for a in arrays]) if arrays else np.zeros((0, width), np.int64)
     except ValueError as exc:
