@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         Trainer(config).run()
+    except ValueError as exc:  # bad input (config, data, device support): a message, not a traceback
+        print(f"lcron-train: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         teardown()
     return 0

@@ -24,7 +24,7 @@ from lcron_dist.data import schema
 from lcron_dist.data.reader import LocalReader
 from lcron_dist.distributed.dense import build_dense_engine
 from lcron_dist.distributed.process_group import init_distributed
-from lcron_dist.distributed.sharding import apply_sharding, build_sparse_optimizer
+from lcron_dist.distributed.sharding import apply_sharding, apply_table_init, build_sparse_optimizer
 from lcron_dist.losses import build_loss
 from lcron_dist.metrics import CascadeMetrics
 from lcron_dist.models import Cascade
@@ -75,9 +75,11 @@ class Trainer:
         loss = build_loss(config.loss.name, num_stages=config.model.num_stages, **config.loss.options)
         model = Cascade(config.model, meta.vocab_sizes, loss, device="meta")
         model.dense.to(self.device)
-        self.model, plan = apply_sharding(model, config, self.device, self.dist.world_size)
+        slots = max(meta.num_candidates, meta.seq_len)  # Batch.num_slots: the KJT's bags per request
+        self.model, plan = apply_sharding(model, config, self.device, self.dist.world_size, slots)
+        apply_table_init(self.model, seed)
         if self.dist.is_main:
-            (self.run_dir / "plan.txt").write_text(str(plan) + "\n")
+            (self.run_dir / "plan.md").write_text(plan + "\n")
             self.log.info("sharding plan:\n%s", plan)
         self.sparse_optimizer = build_sparse_optimizer(self.model, config)
         # DMP shards `model` in place, so model.dense is the module the DMP forward runs.

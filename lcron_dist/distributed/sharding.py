@@ -1,53 +1,254 @@
-"""TorchRec: plan and apply the sharding of every stage's embedding tables, and their optimizer."""
+"""TorchRec: plan and apply the sharding of every stage's embedding tables, and their optimizer.
+
+Each table gets a sharding type from the config (a default, overridable per table or per feature kind;
+`auto` lets TorchRec's planner choose). Sharded tables run their optimizer fused in the backward
+(fbgemm); data-parallel tables are replicated and stepped by the torch optimizer of the same name.
+Combinations a device cannot run are refused at start-up, naming the table and what to choose instead.
+"""
 
 from __future__ import annotations
 
+import os
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.planner.types import ShardingOption
+from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from lcron_dist.config.job_config import JobConfig
 
+FUSED_OPTIMIZERS = {
+    "adam": EmbOptimType.ADAM,
+    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    "adagrad": EmbOptimType.EXACT_ADAGRAD,
+    "sgd": EmbOptimType.EXACT_SGD,
+}
+CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+"""fbgemm's CPU kernels: Adam is refused ("Optimizer adam is not supported in CPU mode")."""
+
+TORCH_OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+"""Optimizers of data-parallel tables, whose parameters TorchRec leaves unfused."""
+
+GIB = 1024**3
+
+
+class CascadeSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's EmbeddingBagCollection sharder, also offering row-wise sharding on CPU.
+
+    TorchRec lists row-wise and table-row-wise only for CUDA, but both run on CPU with gloo (their
+    collectives are plain all-to-all and reduce-scatter); the large id tables need them to scale.
+    """
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types += [t.value for t in (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE) if t.value not in types]
+        return types
+
 
 def table_names(model: nn.Module) -> list[str]:
-    """Every embedding table of the model (EmbeddingBagConfig names)."""
+    """Every embedding table of the model (EmbeddingBagConfig names: '<stage>__<kind>')."""
     return [t.name for module in model.modules() if hasattr(module, "embedding_bag_configs")
             for t in module.embedding_bag_configs()]
 
 
-def plan_sharding(model: nn.Module, config: JobConfig, device: torch.device, world_size: int) -> ShardingPlan:
-    """TorchRec's planner, constrained to the configured sharding type."""
-    constraints = {name: ParameterConstraints(sharding_types=[config.parallelism.sharding]) for name in table_names(model)}
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device.type), constraints=constraints,
+def table_shardings(config: JobConfig, tables: list[str]) -> dict[str, str]:
+    """Sharding per table: a per-table override, else a per-kind override, else the default."""
+    overrides = config.parallelism.table_sharding
+    unknown = [k for k in overrides if k not in tables and not any(t.endswith(f"__{k}") for t in tables)]
+    if unknown:
+        raise ValueError(f"parallelism.table_sharding names unknown table or kind {unknown[0]!r}; tables: "
+                         f"{', '.join(tables)}")
+    return {t: overrides.get(t, overrides.get(t.split("__", 1)[-1], config.parallelism.sharding)) for t in tables}
+
+
+def check_device_support(shardings: dict[str, str], config: JobConfig, device: torch.device) -> None:
+    """Refuse, before anything is built, a table setting the device cannot run."""
+    optimizer = config.parallelism.table_optimizer
+    if device.type == "cpu" and optimizer not in CPU_FUSED_OPTIMIZERS:
+        for table, sharding in shardings.items():
+            if sharding != ShardingType.DATA_PARALLEL.value:
+                raise ValueError(
+                    f"table {table}: sharding {sharding!r} runs the table optimizer fused in the backward, and "
+                    f"fbgemm offers no fused {optimizer} on CPU. Choose parallelism.table_optimizer="
+                    f"{'|'.join(CPU_FUSED_OPTIMIZERS)}, or shard this table data_parallel "
+                    f"(replicated, stepped by torch's {optimizer})."
+                )
+
+
+def build_sharder(config: JobConfig) -> CascadeSharder:
+    """The sharder, with the fused table optimizer from the config."""
+    lr = config.parallelism.table_lr or config.optim.lr
+    return CascadeSharder(fused_params={"optimizer": FUSED_OPTIMIZERS[config.parallelism.table_optimizer],
+                                        "learning_rate": lr})
+
+
+def build_topology(config: JobConfig, device_type: str, world_size: int) -> Topology:
+    """TorchRec's view of the cluster, with the config's memory and bandwidth limits where given."""
+    p = config.parallelism
+    local = p.local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    kwargs: dict = {"world_size": world_size, "compute_device": device_type, "local_world_size": min(local, world_size)}
+    if p.hbm_gb:
+        kwargs["hbm_cap"] = int(p.hbm_gb * GIB)
+    if p.ddr_gb:
+        kwargs["ddr_cap"] = int(p.ddr_gb * GIB)
+    if p.intra_host_bw_gbps:
+        kwargs["intra_host_bw"] = p.intra_host_bw_gbps * 1e9
+    if p.inter_host_bw_gbps:
+        kwargs["inter_host_bw"] = p.inter_host_bw_gbps * 1e9
+    return Topology(**kwargs)
+
+
+def build_planner(model: nn.Module, config: JobConfig, device_type: str, world_size: int,
+                  slots_per_request: int) -> EmbeddingShardingPlanner:
+    """TorchRec's planner, constrained per table by the configured sharding.
+
+    Args:
+        slots_per_request: KeyedJaggedTensor bags per request (Batch.num_slots), so the planner's
+            batch size is the KJT stride it will actually see.
+    """
+    shardings = table_shardings(config, table_names(model))
+    check_device_support(shardings, config, torch.device(device_type))
+    constraints = {
+        table: ParameterConstraints(sharding_types=None if sharding == "auto" else [sharding])
+        for table, sharding in shardings.items()
+    }
+    return EmbeddingShardingPlanner(
+        topology=build_topology(config, device_type, world_size),
+        batch_size=config.data.batch_size * slots_per_request,
+        constraints=constraints,
+        debug=False,
     )
-    return planner.collective_plan(model, [EmbeddingBagCollectionSharder()], dist.GroupMember.WORLD)
+
+
+@dataclass
+class TablePlacement:
+    """Where one table lives, as the planner estimated it."""
+
+    table: str
+    sharding: str
+    kernel: str
+    rows: int
+    dim: int
+    ranks: list[int]
+    bytes_per_rank: dict[int, int]
+    """Estimated device + host bytes per rank: weights, optimizer state, I/O buffers."""
+
+
+def placements(planner: EmbeddingShardingPlanner) -> list[TablePlacement]:
+    """Per-table placements and memory estimates of the planner's last plan."""
+    best: list[ShardingOption] = planner._best_plan or []  # noqa: SLF001 (the planner keeps no public copy)
+    out = []
+    for option in best:
+        per_rank: dict[int, int] = defaultdict(int)
+        for shard in option.shards:
+            if shard.rank is not None and shard.storage is not None:
+                per_rank[shard.rank] += int(shard.storage.hbm + shard.storage.ddr)
+        out.append(TablePlacement(option.name, option.sharding_type, option.compute_kernel, option.tensor.shape[0],
+                                  option.tensor.shape[1], sorted(per_rank), dict(per_rank)))
+    return sorted(out, key=lambda p: p.table)
+
+
+def describe_plan(tables: list[TablePlacement], world_size: int) -> str:
+    """A table per embedding table and a total per rank, for the log and the run folder."""
+    lines = ["| table | rows × dim | sharding | kernel | ranks | MiB per rank |", "|---|---|---|---|---|---|"]
+    total: dict[int, int] = defaultdict(int)
+    for p in tables:
+        for rank, size in p.bytes_per_rank.items():
+            total[rank] += size
+        per = ", ".join(f"{r}: {b / 2**20:,.1f}" for r, b in sorted(p.bytes_per_rank.items()))
+        ranks = f"{p.ranks[0]}..{p.ranks[-1]}" if len(p.ranks) > 2 else ",".join(map(str, p.ranks))
+        lines.append(f"| {p.table} | {p.rows:,} × {p.dim} | {p.sharding} | {p.kernel} | {ranks} | {per} |")
+    lines.append("")
+    lines.append("| rank | estimated MiB (weights + optimizer state + I/O buffers) |")
+    lines.append("|---|---|")
+    lines += [f"| {rank} | {total.get(rank, 0) / 2**20:,.1f} |" for rank in range(world_size)]
+    return "\n".join(lines)
 
 
 def apply_sharding(model: nn.Module, config: JobConfig, device: torch.device, world_size: int,
-                   dense_prefix: str = "dense.") -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Shard the embedding tables; the dense part is left to DeepSpeed (DDP ignores it)."""
-    plan = plan_sharding(model, config, device, world_size)
+                   slots_per_request: int, dense_prefix: str = "dense.") -> tuple[DistributedModelParallel, str]:
+    """Shard the embedding tables; the dense part is left to DeepSpeed (DDP ignores it).
+
+    Returns:
+        The DMP-wrapped model and a printable description of the plan.
+    """
+    planner = build_planner(model, config, device.type, world_size, slots_per_request)
+    sharder = build_sharder(config)
+    plan: ShardingPlan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     dense_names = [name for name, _ in model.named_parameters() if name.startswith(dense_prefix)]
     dmp = DistributedModelParallel(
-        model, device=device, plan=plan, sharders=[EmbeddingBagCollectionSharder()],
+        model, device=device, plan=plan, sharders=[sharder],
         data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=dense_names),
     )
-    return dmp, plan
+    return dmp, describe_plan(placements(planner), world_size)
 
 
 def build_sparse_optimizer(dmp: DistributedModelParallel, config: JobConfig, dense_prefix: str = "dense.") -> KeyedOptimizer:
-    """Fused (in-backward) table optimizers plus Adam for tables TorchRec leaves unfused (data-parallel)."""
+    """Fused (in-backward) table optimizers plus the torch optimizer for data-parallel tables."""
     unfused = {name: p for name, p in in_backward_optimizer_filter(dmp.named_parameters())
                if dense_prefix not in name}
     optimizers: list[tuple[str, KeyedOptimizer]] = [("fused", dmp.fused_optimizer)]
     if unfused:
-        optimizers.append(("tables", KeyedOptimizerWrapper(
-            unfused, lambda params: torch.optim.Adam(params, lr=config.optim.lr))))
+        optim_cls = TORCH_OPTIMIZERS[config.parallelism.table_optimizer]
+        lr = config.parallelism.table_lr or config.optim.lr
+        optimizers.append(("tables", KeyedOptimizerWrapper(unfused, lambda params: optim_cls(params, lr=lr))))
     return CombinedOptimizer(optimizers)
+
+
+_INIT_BLOCK_ROWS = 1 << 20
+"""Rows drawn per generator seed: a shard draws only the blocks it overlaps."""
+
+
+def _table_rows(seed: int, table: str, rows: int, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of `table`'s initial weights, U(-1/√rows, 1/√rows) as TorchRec draws them.
+
+    Generated block by block from generators seeded by (seed, table, block), so the values of a row
+    do not depend on which rank holds it.
+    """
+    bound = rows ** -0.5
+    out = []
+    first = start // _INIT_BLOCK_ROWS
+    for block in range(first, (stop - 1) // _INIT_BLOCK_ROWS + 1):
+        lo = block * _INIT_BLOCK_ROWS
+        n = min(_INIT_BLOCK_ROWS, rows - lo)
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{table}/{block}".encode()))
+        out.append(torch.empty(n, dim).uniform_(-bound, bound, generator=g))
+    return torch.cat(out)[start - first * _INIT_BLOCK_ROWS: stop - first * _INIT_BLOCK_ROWS]
+
+
+@torch.no_grad()
+def apply_table_init(dmp: DistributedModelParallel, seed: int) -> None:
+    """Give every table the same initial rows whatever its sharding and the world size.
+
+    TorchRec initialises each shard from its rank's random stream, so a row-wise table on 2 ranks
+    would start from other values than on 1 rank; this makes runs comparable across layouts.
+    """
+    for name, tensor in dmp.state_dict().items():
+        if ".embedding_bags." not in name or not name.endswith(".weight"):
+            continue
+        table = name.split(".")[-2]
+        rows, dim = tensor.size()
+        if isinstance(tensor, ShardedTensor):
+            for shard in tensor.local_shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(_table_rows(seed, table, rows, dim, r0, r0 + nr)[:, c0:c0 + nc])
+        else:
+            tensor.copy_(_table_rows(seed, table, rows, dim, 0, rows))

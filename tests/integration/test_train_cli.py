@@ -58,7 +58,7 @@ def test_train_writes_results(stages: int, method: str, tiny_datasets: dict[int,
         assert {"e2e", *(f"single/{s}" for s in schema.STAGE_NAMES[stages])} <= set(rows[0])
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["loss"]["name"] == method and resolved["data"]["path"] == str(data)
-    assert "data_parallel" in (tmp_path / "plan.txt").read_text()
+    assert "data_parallel" in (tmp_path / "plan.md").read_text()
 
 
 def test_bad_override_is_rejected_before_training(tiny_datasets: dict[int, Path], tmp_path: Path) -> None:
