@@ -52,6 +52,8 @@ class Trainer:
         self.dist = init_distributed()
         self.device = self.dist.device
         self.log = build_logger(self.dist.rank)
+        self.log.info("rank %d of %d (local rank %d) on %s, backend %s", self.dist.rank, self.dist.world_size,
+                      self.dist.local_rank, self.device, self.dist.backend)
         self.run_dir = Path(config.run.dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
