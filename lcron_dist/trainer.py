@@ -92,8 +92,14 @@ class Trainer:
 
     # ---- training -----------------------------------------------------------------------------
 
+    def autocast(self) -> torch.autocast:
+        """bf16 compute of the towers and loss on CUDA when parallelism.bf16 (fp32 weights, tables, optimizer)."""
+        enabled = self.device.type == "cuda" and self.config.parallelism.bf16
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
     def train_step(self, batch) -> dict[str, torch.Tensor]:
-        out, _ = self.model(batch.to(self.device))
+        with self.autocast():
+            out, _ = self.model(batch.to(self.device))
         self.engine.backward(out.total)
         self.engine.step()
         self.sparse_optimizer.step()
@@ -154,7 +160,8 @@ class Trainer:
                    disable=not (self.dist.is_main and self.config.run.progress))
         for batch in self.eval_reader.iter_day(day, shuffle=False):
             batch = batch.to(self.device)
-            _, scores = self.model(batch, compute_loss=False)
+            with self.autocast():
+                _, scores = self.model(batch, compute_loss=False)
             metrics.update(scores, batch.label, batch.mask, batch.target)
             bar.update()
         bar.close()

@@ -152,7 +152,7 @@ class ParallelismConfig(_Section):
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3) of the dense parameters."""
     bf16: bool = False
-    """bf16 autocast of the dense towers on CUDA (ignored on CPU)."""
+    """bf16 autocast of towers and loss on CUDA (weights, tables and optimizer states stay fp32; ignored on CPU)."""
     hbm_gb: float = 0.0
     """Planner: accelerator memory per rank in GiB (0 = TorchRec's default for the device)."""
     ddr_gb: float = 0.0

@@ -126,6 +126,11 @@ def build_planner(model: nn.Module, config: JobConfig, device_type: str, world_s
     """
     shardings = table_shardings(config, table_names(model))
     check_device_support(shardings, config, torch.device(device_type))
+    # TorchRec's storage estimator sizes optimizer state from this attribute of each table weight.
+    optim_cls = TORCH_OPTIMIZERS[config.parallelism.table_optimizer]
+    for name, weight in model.named_parameters():
+        if ".embedding_bags." in name:
+            weight._optimizer_classes = [optim_cls]  # noqa: SLF001
     constraints = {
         table: ParameterConstraints(sharding_types=None if sharding == "auto" else [sharding])
         for table, sharding in shardings.items()
@@ -168,12 +173,12 @@ def placements(planner: EmbeddingShardingPlanner) -> list[TablePlacement]:
 
 def describe_plan(tables: list[TablePlacement], world_size: int) -> str:
     """A table per embedding table and a total per rank, for the log and the run folder."""
-    lines = ["| table | rows × dim | sharding | kernel | ranks | MiB per rank |", "|---|---|---|---|---|---|"]
+    lines = ["| table | rows × dim | sharding | kernel | ranks | MiB on each rank (max) |", "|---|---|---|---|---|---|"]
     total: dict[int, int] = defaultdict(int)
     for p in tables:
         for rank, size in p.bytes_per_rank.items():
             total[rank] += size
-        per = ", ".join(f"{r}: {b / 2**20:,.1f}" for r, b in sorted(p.bytes_per_rank.items()))
+        per = f"{max(p.bytes_per_rank.values(), default=0) / 2**20:,.1f}"
         ranks = f"{p.ranks[0]}..{p.ranks[-1]}" if len(p.ranks) > 2 else ",".join(map(str, p.ranks))
         lines.append(f"| {p.table} | {p.rows:,} × {p.dim} | {p.sharding} | {p.kernel} | {ranks} | {per} |")
     lines.append("")
