@@ -1,0 +1,126 @@
+"""Scaling on this machine: requests/s, peak RSS per rank, and the share of step time in communication.
+
+For each config and process count it launches `torchrun` on this script; every rank builds the real
+Trainer, warms up, then runs N training steps under torch.profiler. Communication time is the CPU time
+of the collective ops the profiler records (gloo/NCCL all-reduce, all-to-all, reduce-scatter,
+all-gather, broadcast, and their waits); the share is that over the step time. Prints a markdown table.
+
+    python tools/bench_scaling.py --configs configs/tiny-2stage.toml configs/small-2stage.toml --nprocs 1 2 \\
+        [--steps 8] [-- --data.path=... overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COMM = re.compile(r"all_?reduce|all_?to_?all|reduce_?scatter|all_?gather|broadcast|c10d|gloo|nccl|record_param_comms|"
+                  r"wait_tensor|_wait", re.IGNORECASE)
+
+
+def worker(args: argparse.Namespace, overrides: list[str]) -> None:
+    """One rank: time `steps` training steps and report to rank 0, which writes args.report."""
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from lcron_dist.config import load_config
+    from lcron_dist.distributed.process_group import teardown
+    from lcron_dist.trainer import Trainer
+
+    config = load_config(args.config, ["--run.progress=false", *overrides])
+    trainer = Trainer(config)
+    batches = []
+    for day in trainer.train_days[::-1]:
+        batches += [b for b in trainer.reader.iter_day(day, shuffle=True) if b.size == config.data.batch_size]
+        if len(batches) >= args.warmup + args.steps:
+            break
+    if len(batches) < args.warmup + args.steps:
+        raise SystemExit(f"only {len(batches)} full batches of {config.data.batch_size} in the training days")
+    for batch in batches[: args.warmup]:
+        trainer.train_step(batch)
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for batch in batches[args.warmup: args.warmup + args.steps]:
+            trainer.train_step(batch)
+        seconds = time.perf_counter() - start
+    comm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if COMM.search(e.key))
+    mine = {
+        "rank": trainer.dist.rank,
+        "step_ms": seconds / args.steps * 1000,
+        "comm_share": comm_us / 1e6 / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "requests_per_s": args.steps * config.data.batch_size / seconds,
+        "threads": torch.get_num_threads(),
+    }
+    everyone = [None] * trainer.dist.world_size
+    dist.all_gather_object(everyone, mine)
+    if trainer.dist.is_main:
+        Path(args.report).write_text(json.dumps(everyone))
+    teardown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["configs/tiny-2stage.toml", "configs/small-2stage.toml"])
+    parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--config", help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--report", help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    overrides = [o for o in overrides if o != "--"]
+    if "RANK" in os.environ:
+        worker(args, overrides)
+        return
+
+    repo = Path(__file__).resolve().parents[1]
+    rows = []
+    for config in args.configs:
+        for nprocs in args.nprocs:
+            with tempfile.TemporaryDirectory() as tmp:
+                report = Path(tmp) / "report.json"
+                env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+                env["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // nprocs))
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
+                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+                       str(Path(__file__).resolve()), "--config", config, "--report", str(report),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       f"--run.dir={tmp}/run", *overrides]
+                proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{config} × {nprocs} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                ranks = json.loads(report.read_text())
+            total = sum(r["requests_per_s"] for r in ranks) / len(ranks) * nprocs
+            rows.append((config, nprocs, ranks, total))
+            print(f"  {config} × {nprocs}: {total:,.0f} requests/s", flush=True)
+
+    print(f"\nmachine: {os.cpu_count()} cores; {args.steps} timed steps after {args.warmup} warm-up; "
+          f"OMP threads per rank = cores / processes\n")
+    print("| config | processes | requests/s (all ranks) | step ms (per rank) | peak RSS MiB (per rank) | communication share (per rank) |")
+    print("|---|---|---|---|---|---|")
+    for config, nprocs, ranks, total in rows:
+        def each(key: str, fmt: str) -> str:
+            return " / ".join(format(r[key], fmt) for r in ranks)
+        print(f"| {Path(config).stem} | {nprocs} | {total:,.0f} | {each('step_ms', '.0f')} | "
+              f"{each('peak_rss_mib', ',.0f')} | {each('comm_share', '.0%')} |")
+
+
+if __name__ == "__main__":
+    main()
