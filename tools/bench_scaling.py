@@ -12,6 +12,7 @@ all-gather, broadcast, and their waits); the share is that over the step time. P
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -39,13 +40,11 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
 
     config = load_config(args.config, ["--run.progress=false", *overrides])
     trainer = Trainer(config)
-    batches = []
-    for day in trainer.train_days[::-1]:
-        batches += [b for b in trainer.reader.iter_day(day, shuffle=True) if b.size == config.data.batch_size]
-        if len(batches) >= args.warmup + args.steps:
-            break
-    if len(batches) < args.warmup + args.steps:
-        raise SystemExit(f"only {len(batches)} full batches of {config.data.batch_size} in the training days")
+    full = [b for day in trainer.train_days for b in trainer.reader.iter_day(day, shuffle=True)
+            if b.size == config.data.batch_size]
+    if not full:
+        raise SystemExit(f"no full batch of {config.data.batch_size} requests in the training days")
+    batches = list(itertools.islice(itertools.cycle(full), args.warmup + args.steps))  # small data: reuse batches
     for batch in batches[: args.warmup]:
         trainer.train_step(batch)
     dist.barrier()
