@@ -17,12 +17,13 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lcron_dist.distributed.process_group import free_port
 
 COMM = re.compile(r"all_?reduce|all_?to_?all|reduce_?scatter|all_?gather|broadcast|c10d|gloo|nccl|record_param_comms|"
                   r"wait_tensor|_wait", re.IGNORECASE)
@@ -69,11 +70,6 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
     teardown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,7 +94,7 @@ def main() -> None:
                 env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
                 env["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // nprocs))
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
-                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                        str(Path(__file__).resolve()), "--config", config, "--report", str(report),
                        "--steps", str(args.steps), "--warmup", str(args.warmup),
                        f"--run.dir={tmp}/run", *overrides]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,12 @@ import torch
 import torch.multiprocessing as mp
 
 from lcron_dist.data import convert
+from lcron_dist.distributed.process_group import free_port
 
 SHARDING = ["--parallelism.sharding=table_wise", "--parallelism.table_sharding.video_id=row_wise",
             "--parallelism.table_sharding.author_id=data_parallel", "--parallelism.table_optimizer=rowwise_adagrad",
             "--parallelism.zero_stage=2", "--run.progress=false"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, data: str, out: str) -> None:
@@ -80,7 +75,7 @@ def two_rank_report(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("sharded")
     data = root / "dataset"
     convert.convert(tiny_raw, data, num_stages=2, progress=False)
-    mp.spawn(_rank_main, args=(2, _free_port(), str(data), str(root)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(data), str(root)), nprocs=2, join=True)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from lcron_dist.data import convert, dataset
+from lcron_dist.distributed.process_group import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--run.progress=false", "--run.log_every=1", "--parallelism.sharding=table_wise",
           "--parallelism.table_sharding.video_id=row_wise", "--parallelism.table_optimizer=rowwise_adagrad"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(run_dir: Path, data: Path, *overrides: str, **env: str) -> subprocess.Popen:
@@ -53,12 +48,12 @@ def runs(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     data = root / "dataset"
     convert.convert(tiny_raw, data, num_stages=2, progress=False)
     dirs = {"data": data, "one": root / "one", "two": root / "two", "nodes": root / "nodes", "logs": root / "logs"}
-    _finish(_launch(dirs["one"], data, *COMMON, "--data.batch_size=128", MASTER_PORT=str(_free_port())))
+    _finish(_launch(dirs["one"], data, *COMMON, "--data.batch_size=128", MASTER_PORT=str(free_port())))
     dirs["two_output"] = _finish(_launch(
         dirs["two"], data, *COMMON, "--data.batch_size=64", "--parallelism.zero_stage=2",
-        NPROC_PER_NODE="2", MASTER_PORT=str(_free_port()), LOG_DIR=str(dirs["logs"]),
+        NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), LOG_DIR=str(dirs["logs"]),
     ))
-    port = str(_free_port())  # two torchrun agents, one rendezvous endpoint on 127.0.0.1
+    port = str(free_port())  # two torchrun agents, one rendezvous endpoint on 127.0.0.1
     nodes = [_launch(dirs["nodes"], data, "--run.progress=false", "--parallelism.zero_stage=1",
                      NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=port, RDZV_ID="two-nodes")
              for r in range(2)]

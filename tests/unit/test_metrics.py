@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lcron_dist.data import schema
+from lcron_dist.distributed.process_group import free_port
 from lcron_dist.metrics import CascadeMetrics, joint_recall, ndcg_at_k, stage_recall, top_m_mask
 
 HUGE = 1.0e6  # score and label of padded items: selecting or counting one would show at once
@@ -370,11 +370,6 @@ DIST_CASE = dict(num_stages=3, batch=41, n=50, seed=11, graded=True)
 DIST_SPLIT = 15  # rank 0 gets requests [0, 15), rank 1 [15, 41): unequal halves
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _dist_worker(rank: int, world_size: int, out: str) -> None:
     torch.set_num_threads(1)
@@ -398,7 +393,7 @@ def _dist_worker(rank: int, world_size: int, out: str) -> None:
 def test_cascade_metrics_all_reduce_two_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The spawned ranks inherit this environment.
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path / "result")
     mp.spawn(_dist_worker, args=(2, out), nprocs=2, join=True)
