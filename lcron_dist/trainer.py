@@ -119,12 +119,16 @@ class Trainer:
                           " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                    if k not in ("step", "day")))
 
-    def train(self) -> tuple[int, float]:
-        """One chronological pass over the training days; returns (requests trained, seconds)."""
+    def train(self, days: list[dt.date]) -> tuple[int, float]:
+        """One chronological pass over `days`, continuing from the current weights.
+
+        Returns:
+            (requests trained on all ranks, seconds on this rank).
+        """
         self.model.train()
         total_requests, total_seconds = 0, 0.0
         limit = self.config.train.max_steps_per_day
-        for day in self.train_days:
+        for day in days:
             steps = self.reader.num_batches(day)
             steps = min(steps, limit) if limit else steps
             bar = tqdm(total=steps, desc=f"train {day}", unit="step",
@@ -170,8 +174,34 @@ class Trainer:
 
     # ---- the job ------------------------------------------------------------------------------
 
+    def stream(self, days: list[dt.date]) -> list[dict]:
+        """The streaming protocol: for each day t, train on the days before t, then test on t.
+
+        Training continues from the model trained through t−1 (not from scratch): before the first
+        test day every earlier day of the dataset is trained once, then one more day per step.
+
+        Returns:
+            One row per test day: day, joint_recall, per-stage metrics, requests trained so far.
+        """
+        absent = [d for d in days if d not in self.reader.meta.day_list]
+        if absent:
+            raise ValueError(f"stream day {absent[0]} is not in dataset {self.config.data.path}")
+        rows, trained = [], 0
+        history = [d for d in self.reader.meta.day_list if d < days[0]]
+        if not history:
+            raise ValueError(f"no day before {days[0]} in {self.config.data.path} to train on")
+        pending = history
+        for day in days:
+            trained += self.train(pending)[0]
+            metrics = self.evaluate(day)
+            rows.append({"day": str(day), "method": self.config.loss.name, "train_requests": trained, **metrics})
+            if self.dist.is_main:
+                self.log.info("stream %s: joint recall %.4f after %d training requests", day, metrics["joint_recall"], trained)
+            pending = [day]
+        return rows
+
     def run(self) -> dict:
-        train_requests, train_seconds = self.train()
+        train_requests, train_seconds = self.train(self.train_days)
         metrics = self.evaluate(self.test_day)
         results = {
             "method": self.config.loss.name,
