@@ -21,13 +21,25 @@ from tqdm import tqdm
 from lcron_dist.components.logging import MetricsSink, build_logger
 from lcron_dist.config import JobConfig, to_dict
 from lcron_dist.data import schema
-from lcron_dist.data.reader import LocalReader
+from lcron_dist.data.reader import DayReader, LocalReader
 from lcron_dist.distributed.dense import build_dense_engine
-from lcron_dist.distributed.process_group import init_distributed
+from lcron_dist.distributed.process_group import DistInfo, init_distributed
 from lcron_dist.distributed.sharding import apply_sharding, apply_table_init, build_sparse_optimizer
 from lcron_dist.losses import build_loss
 from lcron_dist.metrics import CascadeMetrics
 from lcron_dist.models import Cascade
+
+
+def build_reader(config: JobConfig, batch_size: int, info: DistInfo) -> DayReader:
+    """The configured reader of this rank's share of each day."""
+    if config.data.reader == "ray":
+        from lcron_dist.data.ray_reader import RayReader
+
+        r = config.ray
+        return RayReader(config.data.path, batch_size, info.rank, info.world_size, config.train.seed,
+                         address=r.address, num_cpus=r.num_cpus, object_store_mb=r.object_store_mb,
+                         local_rank=info.local_rank)
+    return LocalReader(config.data.path, batch_size, info.rank, info.world_size, config.train.seed)
 
 
 def resolve_days(config: JobConfig, available: list[dt.date]) -> tuple[list[dt.date], dt.date]:
@@ -65,9 +77,8 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-        self.reader = LocalReader(config.data.path, config.data.batch_size, self.dist.rank, self.dist.world_size, seed)
-        self.eval_reader = LocalReader(config.data.path, config.data.eval_batch_size, self.dist.rank,
-                                       self.dist.world_size, seed)
+        self.reader = build_reader(config, config.data.batch_size, self.dist)
+        self.eval_reader = build_reader(config, config.data.eval_batch_size, self.dist)
         meta = self.reader.meta
         if meta.num_stages != config.model.num_stages:
             raise ValueError(f"model.num_stages is {config.model.num_stages} but dataset {config.data.path} "
@@ -128,7 +139,9 @@ class Trainer:
         self.model.train()
         total_requests, total_seconds = 0, 0.0
         limit = self.config.train.max_steps_per_day
-        for day in days:
+        for i, day in enumerate(days):
+            if i + 1 < len(days):  # the next day streams in while this one trains
+                self.reader.prefetch(days[i + 1], shuffle=True)
             steps = self.reader.num_batches(day)
             steps = min(steps, limit) if limit else steps
             bar = tqdm(total=steps, desc=f"train {day}", unit="step",

@@ -52,12 +52,12 @@ class DataConfig(_Section):
     eval_batch_size: int = 4096
     """Requests per rank and evaluation step."""
     reader: str = "local"
-    """Where batches come from: local (Parquet on a local or mounted disk)."""
+    """Where batches come from: local (pyarrow on a local or mounted disk) or ray (Ray Data read tasks)."""
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _check(self.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        _check(self.reader in ("local",), f"data.reader must be 'local', got {self.reader!r}")
+        _check(self.reader in ("local", "ray"), f"data.reader must be 'local' or 'ray', got {self.reader!r}")
         try:
             if self.train_days:
                 schema.parse_days(self.train_days)
@@ -132,6 +132,20 @@ class TrainConfig(_Section):
         _check(self.max_steps_per_day >= 0, f"train.max_steps_per_day must be >= 0, got {self.max_steps_per_day}")
 
 
+@dataclass
+class RayConfig(_Section):
+    address: str = ""
+    """Ray cluster to read with ("auto", "ray://head:10001"); empty = start a local Ray."""
+    num_cpus: int = 4
+    """Logical CPUs of a local Ray: more than the cores, so read tasks always find a slot."""
+    object_store_mb: int = 512
+    """Object store of a local Ray, MiB."""
+
+    def validate(self) -> None:
+        _check(self.num_cpus >= 1, f"ray.num_cpus must be >= 1, got {self.num_cpus}")
+        _check(self.object_store_mb >= 64, f"ray.object_store_mb must be >= 64, got {self.object_store_mb}")
+
+
 SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise")
 TABLE_OPTIMIZERS = ("adam", "rowwise_adagrad", "adagrad", "sgd")
@@ -187,6 +201,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

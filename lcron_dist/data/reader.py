@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,12 @@ def make_batch(arrays: DayArrays, rows: np.ndarray, group_size: int = schema.GRO
     )
 
 
-class LocalReader:
-    """Reads a converted dataset from local or mounted storage, one day at a time.
+class DayReader:
+    """One rank's view of a converted dataset, a day at a time; subclasses say how rows are read.
+
+    The batches of a day are planned globally (plan_batches), so every reader gives a rank the same
+    requests in the same order; `prefetch` loads a later day on a background thread while the
+    current one trains.
 
     Args:
         root: the dataset folder (holding meta.json).
@@ -111,6 +116,8 @@ class LocalReader:
         self.root = Path(root)
         self.meta = dataset.load_meta(self.root)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._pending: dict[tuple[dt.date, bool], Future] = {}
 
     def num_batches(self, day: dt.date) -> int:
         """Steps this rank takes on `day` (the same on every rank)."""
@@ -123,9 +130,35 @@ class LocalReader:
                             file=self.root / schema.META_FILE, day=day)
         return self.meta.days[name]
 
+    def _plan(self, day: dt.date, shuffle: bool) -> list[np.ndarray]:
+        return plan_batches(self._num_requests(day), self.batch_size, self.rank, self.world_size, shuffle, self.seed, day)
+
+    def load_rows(self, day: dt.date, rows: np.ndarray) -> DayArrays:
+        """The day's rows at positions `rows` (of the day's log order), in that order."""
+        raise NotImplementedError
+
+    def _load(self, day: dt.date, shuffle: bool) -> tuple[DayArrays, list[np.ndarray]]:
+        plan = self._plan(day, shuffle)
+        return self.load_rows(day, np.concatenate(plan)), plan
+
+    def prefetch(self, day: dt.date, shuffle: bool) -> None:
+        """Start loading `day` in the background (iter_day then takes it from there)."""
+        key = (day, shuffle)
+        if key not in self._pending:
+            self._pending[key] = self._loader.submit(self._load, day, shuffle)
+
     def iter_day(self, day: dt.date, shuffle: bool) -> Iterator[Batch]:
         """This rank's batches of `day`; shuffle for training, log order for evaluation."""
-        arrays = load_day(self.root, day, self.meta)
-        rows = plan_batches(len(arrays["request_id"]), self.batch_size, self.rank, self.world_size, shuffle, self.seed, day)
-        for batch_rows in rows:
-            yield make_batch(arrays, batch_rows, self.meta.group_size)
+        pending = self._pending.pop((day, shuffle), None)
+        arrays, plan = pending.result() if pending is not None else self._load(day, shuffle)
+        start = 0
+        for batch_rows in plan:
+            yield make_batch(arrays, np.arange(start, start + len(batch_rows)), self.meta.group_size)
+            start += len(batch_rows)
+
+
+class LocalReader(DayReader):
+    """Reads a converted dataset from local or mounted storage with pyarrow (the embedded default)."""
+
+    def load_rows(self, day: dt.date, rows: np.ndarray) -> DayArrays:
+        return {name: values[rows] for name, values in load_day(self.root, day, self.meta).items()}
