@@ -60,3 +60,19 @@ def test_training_with_the_ray_reader(data: Path, tmp_path: Path) -> None:
     meta = dataset.load_meta(data)
     assert results["eval_requests"] == meta.days[results["test_day"]]
     assert results["train_requests"] == sum(meta.days[d] for d in results["train_days"])
+
+
+def test_ray_cluster_job_with_two_workers(data: Path, tmp_path: Path) -> None:
+    """launch/ray_job.py: the Trainer under Ray Train (2 gloo workers) on a local Ray, Ray Data reading."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
+    cmd = [sys.executable, "launch/ray_job.py", "--config", "configs/tiny-2stage.toml", "--num-workers", "2",
+           f"--data.path={data}", f"--run.dir={tmp_path / 'run'}", "--run.progress=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    meta = dataset.load_meta(data)
+    assert results["world_size"] == 2
+    assert results["eval_requests"] == meta.days[results["test_day"]]
+    assert results["train_requests"] == sum(meta.days[d] for d in results["train_days"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["reader"] == "ray"
