@@ -16,9 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from lcron_dist.components.logging import MetricsSink, build_logger
+from lcron_dist.components.profiling import (
+    PhaseTimer,
+    maybe_enable_memory_snapshot,
+    maybe_enable_profiling,
+    peak_memory_mib,
+)
 from lcron_dist.config import JobConfig, to_dict
 from lcron_dist.data import schema
 from lcron_dist.data.reader import DayReader, LocalReader
@@ -99,6 +106,7 @@ class Trainer:
         self.engine = build_dense_engine(model.dense, config, self.dist.world_size, self.device)
         self.stages = model.stages
         self.sink = MetricsSink(self.run_dir, self.dist.is_main)
+        self.timer = PhaseTimer(self.device)
         self.step = 0
 
     # ---- training -----------------------------------------------------------------------------
@@ -109,12 +117,18 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
-        with self.autocast():
-            out, _ = self.model(batch.to(self.device))
-        self.engine.backward(out.total)
-        self.engine.step()
-        self.sparse_optimizer.step()
-        self.sparse_optimizer.zero_grad()
+        phase = self.timer.phase
+        with phase("data"):
+            batch = batch.to(self.device)
+        with phase("forward"), self.autocast():
+            out, _ = self.model(batch)
+        with phase("backward"):
+            self.engine.backward(out.total)
+        with phase("dense_step"):
+            self.engine.step()
+        with phase("sparse_step"):
+            self.sparse_optimizer.step()
+            self.sparse_optimizer.zero_grad()
         return {"loss": out.total.detach(), **out.parts}
 
     def _log_step(self, day: dt.date, parts: dict[str, torch.Tensor], requests: int, seconds: float) -> None:
@@ -123,7 +137,8 @@ class Trainer:
             dist.all_reduce(values)
             values /= self.dist.world_size
         row = {"step": self.step, "day": str(day), **dict(zip(parts, values.tolist())),
-               "requests_per_s": requests * self.dist.world_size / max(seconds, 1e-9)}
+               "requests_per_s": requests * self.dist.world_size / max(seconds, 1e-9),
+               **self.timer.shares(), **peak_memory_mib(self.device)}  # this rank's
         self.sink.write(row)
         if self.dist.is_main:
             self.log.info("step %d day %s %s", self.step, day,
@@ -139,28 +154,36 @@ class Trainer:
         self.model.train()
         total_requests, total_seconds = 0, 0.0
         limit = self.config.train.max_steps_per_day
-        for i, day in enumerate(days):
-            if i + 1 < len(days):  # the next day streams in while this one trains
-                self.reader.prefetch(days[i + 1], shuffle=True)
-            steps = self.reader.num_batches(day)
-            steps = min(steps, limit) if limit else steps
-            bar = tqdm(total=steps, desc=f"train {day}", unit="step",
-                       disable=not (self.dist.is_main and self.config.run.progress))
-            window_requests, window_start = 0, time.perf_counter()
-            day_start = time.perf_counter()
-            for i, batch in enumerate(self.reader.iter_day(day, shuffle=True)):
-                if i == steps:
-                    break
-                parts = self.train_step(batch)
-                self.step += 1
-                total_requests += batch.size
-                window_requests += batch.size
-                bar.update()
-                if self.step % self.config.run.log_every == 0:
-                    self._log_step(day, parts, window_requests, time.perf_counter() - window_start)
-                    window_requests, window_start = 0, time.perf_counter()
-            bar.close()
-            total_seconds += time.perf_counter() - day_start
+        p = self.config.profiling
+        with maybe_enable_profiling(p.enable_profiling, self.run_dir / "traces", self.dist.rank,
+                                    p.profile_start_step, p.profile_steps, self.device) as profiler:
+            for i, day in enumerate(days):
+                if i + 1 < len(days):  # the next day streams in while this one trains
+                    self.reader.prefetch(days[i + 1], shuffle=True)
+                steps = self.reader.num_batches(day)
+                steps = min(steps, limit) if limit else steps
+                bar = tqdm(total=steps, desc=f"train {day}", unit="step",
+                           disable=not (self.dist.is_main and self.config.run.progress))
+                window_requests, window_start = 0, time.perf_counter()
+                day_start = time.perf_counter()
+                batches = self.reader.iter_day(day, shuffle=True)
+                for _ in range(steps):
+                    self.timer.sync = (self.step + 1) % self.config.run.log_every == 0
+                    with self.timer.phase("data"):
+                        batch = next(batches)
+                    parts = self.train_step(batch)
+                    self.step += 1
+                    total_requests += batch.size
+                    window_requests += batch.size
+                    bar.update()
+                    if profiler is not None:
+                        profiler.step()
+                    if self.step % self.config.run.log_every == 0:
+                        self._log_step(day, parts, window_requests, time.perf_counter() - window_start)
+                        window_requests, window_start = 0, time.perf_counter()
+                batches.close()
+                bar.close()
+                total_seconds += time.perf_counter() - day_start
         requests = torch.tensor([total_requests], dtype=torch.int64)
         if self.dist.world_size > 1:
             dist.all_reduce(requests)
@@ -177,7 +200,7 @@ class Trainer:
                    disable=not (self.dist.is_main and self.config.run.progress))
         for batch in self.eval_reader.iter_day(day, shuffle=False):
             batch = batch.to(self.device)
-            with self.autocast():
+            with record_function("lcron/eval"), self.autocast():
                 _, scores = self.model(batch, compute_loss=False)
             metrics.update(scores, batch.label, batch.mask, batch.target)
             bar.update()
@@ -214,8 +237,10 @@ class Trainer:
         return rows
 
     def run(self) -> dict:
-        train_requests, train_seconds = self.train(self.train_days)
-        metrics = self.evaluate(self.test_day)
+        with maybe_enable_memory_snapshot(self.config.profiling.enable_memory_snapshot, self.run_dir / "memory",
+                                          self.dist.rank, self.device):
+            train_requests, train_seconds = self.train(self.train_days)
+            metrics = self.evaluate(self.test_day)
         results = {
             "method": self.config.loss.name,
             "num_stages": self.config.model.num_stages,

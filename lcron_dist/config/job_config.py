@@ -133,6 +133,22 @@ class TrainConfig(_Section):
 
 
 @dataclass
+class ProfilingConfig(_Section):
+    enable_profiling: bool = False
+    """torch.profiler over a window of training steps: a Chrome trace per rank in RUN/traces/."""
+    profile_start_step: int = 5
+    """First profiled step (after warm-up and compilation)."""
+    profile_steps: int = 3
+    """Steps in the profiled window."""
+    enable_memory_snapshot: bool = False
+    """CUDA memory history per rank, dumped to RUN/memory/ at the end and on OOM (CPU: peak RSS is logged always)."""
+
+    def validate(self) -> None:
+        _check(self.profile_start_step >= 1, f"profiling.profile_start_step must be >= 1, got {self.profile_start_step}")
+        _check(self.profile_steps >= 1, f"profiling.profile_steps must be >= 1, got {self.profile_steps}")
+
+
+@dataclass
 class RayConfig(_Section):
     address: str = ""
     """Ray cluster to read with ("auto", "ray://head:10001"); empty = start a local Ray."""
@@ -202,6 +218,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

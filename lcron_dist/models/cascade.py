@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from lcron_dist.config.job_config import ModelConfig
 from lcron_dist.data import schema
@@ -39,8 +40,10 @@ class CascadeDense(nn.Module):
         self.loss = loss
 
     def forward(self, inputs: dict[str, StageInputs], label: torch.Tensor, mask: torch.Tensor, compute_loss: bool = True):
-        scores = [self.towers[stage](inputs[stage]) for stage in self.stages]  # each [B, N]
-        out = self.loss(scores=scores, relevance=label, mask=mask) if compute_loss else None
+        with record_function("lcron/towers"):
+            scores = [self.towers[stage](inputs[stage]) for stage in self.stages]  # each [B, N]
+        with record_function("lcron/loss"):
+            out = self.loss(scores=scores, relevance=label, mask=mask) if compute_loss else None
         return out, scores
 
 
@@ -61,6 +64,7 @@ class Cascade(nn.Module):
         self.dense = CascadeDense(config, loss)
 
     def forward(self, batch: Batch, compute_loss: bool = True):
-        features = batch.id_features()
-        inputs = {stage: self.sparse[stage](features, batch) for stage in self.stages}
+        with record_function("lcron/embedding"):  # input distribution and lookup of every stage's tables
+            features = batch.id_features()
+            inputs = {stage: self.sparse[stage](features, batch) for stage in self.stages}
         return self.dense(inputs, batch.label, batch.mask, compute_loss)
