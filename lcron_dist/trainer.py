@@ -105,7 +105,7 @@ class Trainer:
         # DMP shards `model` in place, so model.dense is the module the DMP forward runs.
         self.engine = build_dense_engine(model.dense, config, self.dist.world_size, self.device)
         self.stages = model.stages
-        self.sink = MetricsSink(self.run_dir, self.dist.is_main)
+        self.sink = MetricsSink(self.run_dir, self.dist.is_main, config.run.tensorboard)
         self.timer = PhaseTimer(self.device)
         self.step = 0
 

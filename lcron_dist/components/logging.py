@@ -22,15 +22,29 @@ def build_logger(rank: int, name: str = "lcron_dist") -> logging.Logger:
 
 
 class MetricsSink:
-    """Appends one JSON object per log step to RUN_DIR/metrics.jsonl (only the main rank writes)."""
+    """One JSON object per log step to RUN_DIR/metrics.jsonl, and optionally TensorBoard scalars.
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    Only the main rank writes (rows already carry cross-rank means where they need them).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.board = None
         if enabled:
             self.path.write_text("")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.board.add_scalar(key, value, row["step"])
+            self.board.flush()

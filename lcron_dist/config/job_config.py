@@ -34,6 +34,8 @@ class RunConfig(_Section):
     """Steps between log lines (and metrics.jsonl rows)."""
     progress: bool = True
     """Show a progress bar per day on rank 0."""
+    tensorboard: bool = False
+    """Also write every log step's scalars to RUN/tensorboard (rank 0)."""
 
     def validate(self) -> None:
         _check(self.log_every >= 1, f"run.log_every must be >= 1, got {self.log_every}")

@@ -30,7 +30,7 @@ def test_profiling_on_and_off(tiny_raw: Path, tmp_path: Path) -> None:
     convert.convert(tiny_raw, data, num_stages=2, progress=False)
     off = _train(data, tmp_path / "off")
     on = _train(data, tmp_path / "on", "--profiling.enable_profiling=true", "--profiling.profile_start_step=2",
-                "--profiling.profile_steps=2", "--profiling.enable_memory_snapshot=true")
+                "--profiling.profile_steps=2", "--profiling.enable_memory_snapshot=true", "--run.tensorboard=true")
     assert [r["loss"] for r in on] == [r["loss"] for r in off], "profiling must not change training"
     for row in on + off:
         shares = {k: v for k, v in row.items() if k.startswith("share/")}
@@ -42,3 +42,5 @@ def test_profiling_on_and_off(tiny_raw: Path, tmp_path: Path) -> None:
     events = json.loads(traces[0].read_text())["traceEvents"]
     names = {e.get("name") for e in events}
     assert {f"lcron/{p}" for p in PHASES} | {"lcron/embedding", "lcron/towers", "lcron/loss"} <= names
+    board = list((tmp_path / "on" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(board) == 1 and board[0].stat().st_size > 0

@@ -1,0 +1,27 @@
+"""The profiling tools run on the tiny config and write their tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lcron_dist.components.profiling import PHASES
+from lcron_dist.data import convert
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_profile_throughput_writes_its_phase_table(tiny_raw: Path, tmp_path: Path) -> None:
+    data = tmp_path / "dataset"
+    convert.convert(tiny_raw, data, num_stages=2, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "tools/profile_throughput.py", "--config", "configs/tiny-2stage.toml", "--steps", "4",
+           "--warmup", "1", "--eval-batches", "1", "--out", str(tmp_path / "out"), f"--data.path={data}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "out" / "throughput.md").read_text()
+    for phase in (*PHASES, "step", "batch of 256"):
+        assert f"| {phase} |" in table
+    assert "training: " in table and "evaluation: " in table and "requests/s" in table
