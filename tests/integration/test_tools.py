@@ -25,3 +25,13 @@ def test_profile_throughput_writes_its_phase_table(tiny_raw: Path, tmp_path: Pat
     for phase in (*PHASES, "step", "batch of 256"):
         assert f"| {phase} |" in table
     assert "training: " in table and "evaluation: " in table and "requests/s" in table
+
+
+def test_profile_loss_scaling_writes_table_and_plot(tmp_path: Path) -> None:
+    cmd = [sys.executable, "tools/profile_loss_scaling.py", "--losses", "lcron,bce", "--sizes", "40", "100",
+           "--batch-sizes", "8", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "loss_scaling.md").read_text()
+    assert "| lcron | 8 |" in table and "| bce | 8 |" in table and "N=100 ms / MiB" in table
+    assert (tmp_path / "loss_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
