@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/profile-throughput"))
     args, overrides = parser.parse_known_args()
 
-    from lcron_dist.components.profiling import PHASES
+    from lcron_dist.components.profiling import PHASES, peak_memory_mib
     from lcron_dist.config import load_config
     from lcron_dist.distributed.process_group import teardown
     from lcron_dist.trainer import Trainer
@@ -89,9 +90,16 @@ def main() -> None:
         f"evaluation: {eval_requests * world / sum(eval_times):,.0f} requests/s (all ranks)",
     ]
     text = "\n".join(lines)
+    summary = {
+        "loss": config.loss.name, "batch_size": config.data.batch_size, "world_size": world,
+        "step_ms": total / args.steps * 1000, "requests_per_s": args.steps * config.data.batch_size * world / total,
+        "eval_requests_per_s": eval_requests * world / sum(eval_times), **peak_memory_mib(trainer.device),
+        "phase_ms": {p: float(np.mean(per_phase[p]) * 1000) for p in PHASES},
+    }
     if trainer.dist.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "throughput.md").write_text(text + "\n")
+        (args.out / "throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"{text}\n\nwritten to {args.out / 'throughput.md'}")
     teardown()
 

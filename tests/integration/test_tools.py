@@ -35,3 +35,15 @@ def test_profile_loss_scaling_writes_table_and_plot(tmp_path: Path) -> None:
     table = (tmp_path / "loss_scaling.md").read_text()
     assert "| lcron | 8 |" in table and "| bce | 8 |" in table and "N=100 ms / MiB" in table
     assert (tmp_path / "loss_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_methods_writes_the_appendix_d_table(tiny_raw: Path, tmp_path: Path) -> None:
+    data = tmp_path / "dataset"
+    convert.convert(tiny_raw, data, num_stages=2, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "tools/profile_methods.py", "--config", "configs/tiny-2stage.toml", "--methods", "lcron,bce",
+           "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "out"), f"--data.path={data}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "out" / "methods.md").read_text()
+    assert "| lcron |" in table and "| bce |" in table and "time per pass s" in table
