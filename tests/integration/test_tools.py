@@ -47,3 +47,16 @@ def test_profile_methods_writes_the_appendix_d_table(tiny_raw: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "out" / "methods.md").read_text()
     assert "| lcron |" in table and "| bce |" in table and "time per pass s" in table
+
+
+def test_profile_memory_writes_table_and_plot(tiny_raw: Path, tmp_path: Path) -> None:
+    data = tmp_path / "dataset"
+    convert.convert(tiny_raw, data, num_stages=2, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "tools/profile_memory.py", "--config", "configs/tiny-2stage.toml", "--batch-sizes", "16",
+           "--candidates", "40", "80", "--out", str(tmp_path / "out"), f"--data.path={data}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "out" / "memory.md").read_text()
+    assert "| 16 | 40 |" in table and "| 16 | 80 |" in table
+    assert (tmp_path / "out" / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
