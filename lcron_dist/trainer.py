@@ -136,9 +136,17 @@ class Trainer:
         if self.dist.world_size > 1:  # reduce only on log steps
             dist.all_reduce(values)
             values /= self.dist.world_size
+        memory = peak_memory_mib(self.device)
+        per_rank = torch.tensor([list(memory.values())], dtype=torch.float64, device=self.device)
+        if self.dist.world_size > 1:
+            gathered = [torch.empty_like(per_rank) for _ in range(self.dist.world_size)]
+            dist.all_gather(gathered, per_rank)
+            per_rank = torch.cat(gathered)
         row = {"step": self.step, "day": str(day), **dict(zip(parts, values.tolist())),
                "requests_per_s": requests * self.dist.world_size / max(seconds, 1e-9),
-               **self.timer.shares(), **peak_memory_mib(self.device)}  # this rank's
+               **self.timer.shares(),  # rank 0's phase shares
+               **{f"{key}/rank{r}": per_rank[r, i].item() for r in range(per_rank.shape[0])
+                  for i, key in enumerate(memory)}}
         self.sink.write(row)
         if self.dist.is_main:
             self.log.info("step %d day %s %s", self.step, day,

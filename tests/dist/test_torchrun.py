@@ -84,6 +84,11 @@ def test_two_ranks_evaluate_the_same_requests_to_the_same_metrics(runs: dict) ->
             assert two["stages"][stage][metric] == pytest.approx(one["stages"][stage][metric], abs=0.01)
 
 
+def test_every_rank_reports_its_peak_memory(runs: dict) -> None:
+    for row in _metrics(runs["two"]):
+        assert row["peak_rss_mib/rank0"] > 100 and row["peak_rss_mib/rank1"] > 100
+
+
 def test_plan_and_logs_name_every_rank(runs: dict) -> None:
     plan = (runs["two"] / "plan.md").read_text()
     assert "| ranking__video_id | 20,001 × 8 | row_wise | fused | 0,1 |" in plan

@@ -36,7 +36,7 @@ def test_profiling_on_and_off(tiny_raw: Path, tmp_path: Path) -> None:
         shares = {k: v for k, v in row.items() if k.startswith("share/")}
         assert set(shares) == {f"share/{p}" for p in PHASES}
         assert sum(shares.values()) == pytest.approx(1.0)
-        assert row["peak_rss_mib"] > 100
+        assert row["peak_rss_mib/rank0"] > 100
     traces = list((tmp_path / "on" / "traces").glob("rank0-*.json"))
     assert len(traces) == 1 and not (tmp_path / "off" / "traces").exists()
     events = json.loads(traces[0].read_text())["traceEvents"]
