@@ -72,9 +72,19 @@ def request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray
         fields: request-level column -> [R] values (checked constant within each request).
     """
     rid = table.column("request_id").to_numpy()
-    request_ids, first_row, row_request = np.unique(rid, return_index=True, return_inverse=True)
-    if request_ids.size == 0:
+    if rid.size == 0:
         raise DataError("table has no rows", file=path, day=day)
+    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
+    run_ids = rid[starts]
+    order = np.argsort(run_ids, kind="stable")
+    if np.all(np.diff(run_ids[order]) > 0):
+        # Rows grouped by request (as logged): sort the R runs, not the millions of rows.
+        request_ids, first_row = run_ids[order], starts[order]
+        run_rank = np.empty(len(starts), dtype=np.int64)
+        run_rank[order] = np.arange(len(starts))
+        row_request = np.repeat(run_rank, np.diff(np.r_[starts, rid.size]))
+    else:
+        request_ids, first_row, row_request = np.unique(rid, return_index=True, return_inverse=True)
     fields = {}
     for name in schema.REQUEST_COLUMNS:
         values = table.column(name).to_numpy()

@@ -275,3 +275,23 @@ def test_day_pickles_of_any_protocol_read_as_numpy_would(protocol: int, tmp_path
     assert np.array_equal(rows, np.concatenate([v["rank_pos"] for v in lists.values()]))
     with pytest.raises(DataError, match="must all be integer arrays"):
         raw.join_rows([np.zeros((2, 7), np.int64)], 8, "lists", path, None)
+
+
+@pytest.mark.parametrize("shuffle", ["requests", "rows"])
+def test_conversion_does_not_depend_on_all_stage_row_order(shuffle: str, broken_raw: Path, tiny_raw: Path,
+                                                             tmp_path: Path) -> None:
+    day = _last_day(broken_raw)
+    path = raw.day_file(broken_raw, schema.ALL_STAGE_DIR, day)
+    frame = pd.read_feather(path)
+    rng = np.random.default_rng(0)
+    if shuffle == "requests":  # still grouped by request, groups in another order
+        ids = frame.request_id.unique()
+        rank = dict(zip(rng.permutation(ids), range(len(ids))))
+        frame = frame.iloc[np.argsort(frame.request_id.map(rank).to_numpy(), kind="stable")]
+    else:  # rows of a request scattered
+        frame = frame.iloc[rng.permutation(len(frame))]
+    frame.reset_index(drop=True).to_feather(path)
+    shuffled, reference = tmp_path / "shuffled", tmp_path / "reference"
+    convert.convert(broken_raw, shuffled, days=[day], progress=False)
+    convert.convert(tiny_raw, reference, days=[day], progress=False)
+    assert _read_day(shuffled, day).equals(_read_day(reference, day))
