@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # The lock is installed with --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu, which
-# must not land beside fbgemm-gpu-cpu (docs: requirements/README.md).
+# must not land beside fbgemm-gpu-cpu (README, Set-up).
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r $(LOCK)
