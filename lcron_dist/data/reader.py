@@ -77,8 +77,8 @@ def plan_batches(
     return [np.array_split(order[s:e], world_size)[rank] for s, e in zip(starts, ends)]
 
 
-def make_batch(arrays: DayArrays, rows: np.ndarray, group_size: int = schema.GROUP_SIZE) -> Batch:
-    """Gather `rows` of a day into a Batch (numpy fancy indexing; one copy per field)."""
+def make_batch(arrays: DayArrays, rows: np.ndarray | slice, group_size: int = schema.GROUP_SIZE) -> Batch:
+    """Gather `rows` (indices or a slice) of a day into a Batch (one copy per field)."""
 
     def stack(names: list[str]) -> torch.Tensor:
         return torch.from_numpy(np.stack([arrays[name][rows] for name in names]).astype(np.int64))
@@ -153,7 +153,7 @@ class DayReader:
         arrays, plan = pending.result() if pending is not None else self._load(day, shuffle)
         start = 0
         for batch_rows in plan:
-            yield make_batch(arrays, np.arange(start, start + len(batch_rows)), self.meta.group_size)
+            yield make_batch(arrays, slice(start, start + len(batch_rows)), self.meta.group_size)
             start += len(batch_rows)
 
 
