@@ -90,20 +90,19 @@ def resolve(values: list) -> list:
     return [v.record if type(v) is _PendingArray else v for v in values]
 
 
-def _shape(value: Any) -> tuple:
-    return value[_SHAPE] if type(value) is tuple else np.shape(value)
+def join_rows(
+    arrays: list, width: int, what: str, path: Path, day: dt.date | None, column: str | None = None,
+    head: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack int [n_i, width] arrays (raw records or ndarrays) into one int64 array.
 
+    Args:
+        head: keep only the first `head` rows of each array.
 
-def row_counts(arrays: list, what: str, path: Path, day: dt.date | None, column: str | None = None) -> np.ndarray:
-    """[len(arrays)] int64 leading dimension of each array (raw record or ndarray)."""
-    try:
-        return np.fromiter(map(operator.itemgetter(0), map(_shape, arrays)), dtype=np.int64, count=len(arrays))
-    except (IndexError, TypeError, ValueError):
-        raise DataError(f"{what} must all be integer arrays", file=path, day=day, column=column) from None
-
-
-def join_rows(arrays: list, width: int, what: str, path: Path, day: dt.date | None, column: str | None = None) -> np.ndarray:
-    """Stack int [n_i, width] arrays (raw records or ndarrays) into one int64 [sum n_i, width] array."""
+    Returns:
+        rows: [sum min(n_i, head), width] int64;
+        lengths: [len(arrays)] int64, each array's n_i (before `head`).
+    """
     if set(map(type, arrays)) <= {tuple}:
         dtypes = set(map(operator.itemgetter(_DTYPE), arrays))
         shapes = list(map(operator.itemgetter(_SHAPE), arrays))
@@ -112,17 +111,24 @@ def join_rows(arrays: list, width: int, what: str, path: Path, day: dt.date | No
                 and set(map(operator.itemgetter(_ORDER), arrays)) <= {"C"})
         if good:
             dtype = np.dtype(dtypes.pop()) if dtypes else np.dtype(np.int64)
-            flat = np.frombuffer(b"".join(map(operator.itemgetter(_DATA), arrays)), dtype=dtype)
-            return flat.reshape(-1, width).astype(np.int64, copy=False)
+            lengths = np.fromiter(map(operator.itemgetter(0), shapes), dtype=np.int64, count=len(shapes))
+            data = map(operator.itemgetter(_DATA), arrays)
+            if head is not None and lengths.max(initial=0) > head:
+                data = map(operator.itemgetter(slice(head * width * dtype.itemsize)), map(memoryview, data))
+            flat = np.frombuffer(b"".join(data), dtype=dtype)
+            return flat.reshape(-1, width).astype(np.int64, copy=False), lengths
         arrays = [_record_to_numpy(a) if type(a) is tuple else a for a in arrays]
     try:
-        rows = np.concatenate([np.asarray(a) for a in arrays]) if arrays else np.zeros((0, width), np.int64)
+        arrays = [np.asarray(a) for a in arrays]
     except ValueError as exc:
         raise DataError(f"{what} must all be integer arrays [n, {width}]: {exc}", file=path, day=day, column=column) from None
-    if rows.ndim != 2 or rows.shape[1] != width or rows.dtype.kind not in "iu":
-        raise DataError(f"{what} must all be integer arrays [n, {width}], got {rows.dtype} {rows.shape[1:]}",
+    bad = next((a for a in arrays if a.ndim != 2 or a.shape[1] != width or a.dtype.kind not in "iu"), None)
+    if bad is not None:
+        raise DataError(f"{what} must all be integer arrays [n, {width}], got {bad.dtype} {list(bad.shape)}",
                         file=path, day=day, column=column)
-    return rows.astype(np.int64, copy=False)
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    rows = np.concatenate([a[:head] for a in arrays]) if arrays else np.zeros((0, width), np.int64)
+    return rows.astype(np.int64, copy=False), lengths
 
 
 def _load_pickle(path: Path, day: dt.date | None) -> Any:
@@ -189,12 +195,15 @@ class RequestDict:
     request_ids: np.ndarray
     entries: list[dict[str, np.ndarray]]
 
-    def group(self, label: str, day: dt.date) -> tuple[np.ndarray, np.ndarray]:
+    def group(self, label: str, day: dt.date, head: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Concatenate one stage label's arrays over all requests.
 
+        Args:
+            head: keep only the first `head` rows of each request's array.
+
         Returns:
-            rows: [sum n, 8] int64, the requests' arrays one after another (file order);
-            lengths: [R] int64, rows per request.
+            rows: [sum n, 8] int64, the requests' arrays (or their heads) one after another (file order);
+            lengths: [R] int64, rows per request in the file (before `head`).
         """
         try:
             arrays = resolve(list(map(operator.itemgetter(label), self.entries)))
@@ -203,9 +212,7 @@ class RequestDict:
             raise DataError(f"request {missing} has no {label!r} list", file=self.path, day=day, column=label) from None
         except TypeError:
             raise DataError("values must be dicts {stage_label: array}", file=self.path, day=day) from None
-        lengths = row_counts(arrays, "request_id_dict lists", self.path, day, label)
-        rows = join_rows(arrays, len(schema.REQUEST_ARRAY_COLUMNS), "request_id_dict lists", self.path, day, label)
-        return rows, lengths
+        return join_rows(arrays, len(schema.REQUEST_ARRAY_COLUMNS), "request_id_dict lists", self.path, day, label, head)
 
 
 def load_request_dict(root: Path, day: dt.date) -> RequestDict:
@@ -231,11 +238,10 @@ def load_histories(root: Path, day: dt.date, request_ids: np.ndarray) -> np.ndar
             file=path, day=day,
         )
     arrays = resolve(list(map(data.__getitem__, request_ids.tolist())))
-    lengths = row_counts(arrays, "histories", path, day)
+    rows, lengths = join_rows(arrays, len(schema.SEQ_COLUMNS), "histories", path, day)
     if not np.all(lengths == schema.SEQ_LEN):
         bad = np.flatnonzero(lengths != schema.SEQ_LEN)[0]
         raise DataError(f"history of request {request_ids[bad]} has {lengths[bad]} rows, not {schema.SEQ_LEN}",
                         file=path, day=day)
-    rows = join_rows(arrays, len(schema.SEQ_COLUMNS), "histories", path, day)
     return rows.reshape(len(arrays), schema.SEQ_LEN, len(schema.SEQ_COLUMNS))
 

@@ -271,8 +271,13 @@ def test_day_pickles_of_any_protocol_read_as_numpy_would(protocol: int, tmp_path
     path = tmp_path / "d.pkl"
     path.write_bytes(pickle.dumps(lists, protocol=protocol))
     loaded = raw._load_pickle(path, None)
-    rows = raw.join_rows(raw.resolve([v["rank_pos"] for v in loaded.values()]), 8, "lists", path, None)
+    arrays = raw.resolve([v["rank_pos"] for v in loaded.values()])
+    rows, lengths = raw.join_rows(arrays, 8, "lists", path, None)
     assert np.array_equal(rows, np.concatenate([v["rank_pos"] for v in lists.values()]))
+    assert lengths.tolist() == [len(v["rank_pos"]) for v in lists.values()]
+    heads, lengths = raw.join_rows(arrays, 8, "lists", path, None, head=2)
+    assert np.array_equal(heads, np.concatenate([v["rank_pos"][:2] for v in lists.values()]))
+    assert lengths.tolist() == [len(v["rank_pos"]) for v in lists.values()]
     with pytest.raises(DataError, match="must all be integer arrays"):
         raw.join_rows([np.zeros((2, 7), np.int64)], 8, "lists", path, None)
 
