@@ -85,7 +85,7 @@ class _DayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def resolve(values: list) -> list:
+def _resolve(values: list) -> list:
     """Finish arrays that protocol <= 4 pickles delivered in two steps."""
     return [v.record if type(v) is _PendingArray else v for v in values]
 
@@ -94,7 +94,7 @@ def join_rows(
     arrays: list, width: int, what: str, path: Path, day: dt.date | None, column: str | None = None,
     head: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stack int [n_i, width] arrays (raw records or ndarrays) into one int64 array.
+    """Stack int [n_i, width] arrays (raw records as unpickled by this module, or ndarrays) into one int64 array.
 
     Args:
         head: keep only the first `head` rows of each array.
@@ -103,6 +103,8 @@ def join_rows(
         rows: [sum min(n_i, head), width] int64;
         lengths: [len(arrays)] int64, each array's n_i (before `head`).
     """
+    if _PendingArray in set(map(type, arrays)):
+        arrays = _resolve(arrays)
     if set(map(type, arrays)) <= {tuple}:
         dtypes = set(map(operator.itemgetter(_DTYPE), arrays))
         shapes = list(map(operator.itemgetter(_SHAPE), arrays))
@@ -206,7 +208,7 @@ class RequestDict:
             lengths: [R] int64, rows per request in the file (before `head`).
         """
         try:
-            arrays = resolve(list(map(operator.itemgetter(label), self.entries)))
+            arrays = list(map(operator.itemgetter(label), self.entries))
         except KeyError:
             missing = next(rid for rid, entry in zip(self.request_ids, self.entries) if label not in entry)
             raise DataError(f"request {missing} has no {label!r} list", file=self.path, day=day, column=label) from None
@@ -237,7 +239,7 @@ def load_histories(root: Path, day: dt.date, request_ids: np.ndarray) -> np.ndar
             f"{missing.size} request(s) have no history entry, e.g. request {missing[0]} (every request needs a key)",
             file=path, day=day,
         )
-    arrays = resolve(list(map(data.__getitem__, request_ids.tolist())))
+    arrays = list(map(data.__getitem__, request_ids.tolist()))
     rows, lengths = join_rows(arrays, len(schema.SEQ_COLUMNS), "histories", path, day)
     if not np.all(lengths == schema.SEQ_LEN):
         bad = np.flatnonzero(lengths != schema.SEQ_LEN)[0]

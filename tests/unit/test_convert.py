@@ -271,7 +271,7 @@ def test_day_pickles_of_any_protocol_read_as_numpy_would(protocol: int, tmp_path
     path = tmp_path / "d.pkl"
     path.write_bytes(pickle.dumps(lists, protocol=protocol))
     loaded = raw._load_pickle(path, None)
-    arrays = raw.resolve([v["rank_pos"] for v in loaded.values()])
+    arrays = [v["rank_pos"] for v in loaded.values()]
     rows, lengths = raw.join_rows(arrays, 8, "lists", path, None)
     assert np.array_equal(rows, np.concatenate([v["rank_pos"] for v in lists.values()]))
     assert lengths.tolist() == [len(v["rank_pos"]) for v in lists.values()]
