@@ -156,62 +156,16 @@ def build_day(
         c for g in setting.groups if g in schema.POSITIVE_INDEX_COLUMN for c in (g, schema.POSITIVE_INDEX_COLUMN[g])])
     table = raw.read_table(table_path, day, columns_needed)
     request_ids, row_request, request_fields = request_index(table, table_path, day)
-    num_requests = len(request_ids)
-
-    requests = raw.load_request_dict(root, day)
-    for missing, there, here in (
-        (np.setdiff1d(request_ids, requests.request_ids), table_path, requests.path),
-        (np.setdiff1d(requests.request_ids, request_ids), requests.path, table_path),
-    ):
-        if missing.size:
-            raise DataError(
-                f"{missing.size} request(s) of {there.name} are missing from {here.parent.name}/{here.name}, "
-                f"e.g. request {missing[0]}", file=here, day=day, column="request_id",
-            )
-    entry_request = np.searchsorted(request_ids, requests.request_ids)  # [R] file order -> sorted index
     # Chronological order within the day, so a reader without shuffling replays the log.
     order = np.lexsort((request_ids, request_fields["request_timestamp"]))  # output row -> sorted index
-    file_row = np.argsort(entry_request)[order]  # output row -> position in request_id_dict
-
-    # Candidate fields are assembled in request_id_dict order and put in output order at the end.
-    blocks, labels, present = [], [], []
-    for group in setting.groups:
-        rows, lengths = requests.group(group, day, head=schema.GROUP_SIZE)  # research pipeline: the first 10
-        short = lengths < schema.GROUP_SIZE
-        if short.any() and not pad_short_groups:
-            i = np.flatnonzero(short)[0]
-            raise DataError(
-                f"request {requests.request_ids[i]} has {lengths[i]} {group} items, fewer than the "
-                f"{schema.GROUP_SIZE} a group needs (use --pad-short-groups to pad and mask them)",
-                file=requests.path, day=day, column=group,
-            )
-        present.append(np.arange(schema.GROUP_SIZE) < lengths[:, None])  # [R, 10]
-        if group in schema.POSITIVE_INDEX_COLUMN:
-            req = np.repeat(entry_request, np.minimum(lengths, schema.GROUP_SIZE))
-            row_label = _positive_labels(table, request_ids, row_request, group, req, rows[:, _ARRAY_COL["video_id"]],
-                                         table_path, day)
-        else:
-            row_label = np.full(len(rows), schema.NEGATIVE_LABEL[group], np.int8)
-        blocks.append(_fill(rows, present[-1]))
-        labels.append(_fill(row_label, present[-1]))
-    cand = _split_fields(np.concatenate(blocks, axis=1), _ARRAY_COL, _CAND_FIELDS)  # each [R, N]
-    mask = np.concatenate(present, axis=1)
-
-    candidate_columns = {"cand_label": np.concatenate(labels, axis=1), "cand_mask": mask.view(np.int8)}
-    for name in _ITEM_IDS:
-        candidate_columns[f"cand_{name}"] = _encode_ids(cand[name], mask, id_counts[name],
-                                                        dict(file=requests.path, day=day, column=name))
-    for unit, values in time_features(cand["upload_timestamp"], "s").items():
-        candidate_columns[f"cand_upload_{unit}"] = values * mask
+    columns = _candidate_columns(root, day, setting, id_counts, pad_short_groups, table, request_ids, row_request, order)
+    del table, row_request  # a day's raw inputs are released one by one: memory peaks at one of them
 
     request_ids = request_ids[order]
     request_fields = {name: values[order] for name, values in request_fields.items()}
-    columns: dict[str, np.ndarray] = {
-        "request_id": request_ids,
-        "request_timestamp": request_fields["request_timestamp"],
-        **{name: values[file_row] for name, values in candidate_columns.items()},
-    }
-    everyone = np.ones(num_requests, bool)
+    columns["request_id"] = request_ids
+    columns["request_timestamp"] = request_fields["request_timestamp"]
+    everyone = np.ones(len(request_ids), bool)
     for name in ("user_id", "device_id", "age", "gender", "province"):
         columns[name] = _encode_ids(request_fields[name], everyone, id_counts[name],
                                     dict(file=table_path, day=day, column=name))
@@ -235,6 +189,65 @@ def build_day(
         else:
             arrays.append(pa.array(values, f.type))
     return pa.Table.from_arrays(arrays, schema=arrow)
+
+
+def _candidate_columns(
+    root: Path, day: dt.date, setting: schema.StageSetting, id_counts: dict[str, int], pad_short_groups: bool,
+    table: pa.Table, request_ids: np.ndarray, row_request: np.ndarray, order: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The cand_* columns of a day from request_id_dict (labels of positives from all_stage), in output order.
+
+    Args:
+        table, request_ids, row_request: the day's all_stage table and its request_index.
+        order: output row -> index into request_ids.
+    """
+    table_path = raw.day_file(root, schema.ALL_STAGE_DIR, day)
+    requests = raw.load_request_dict(root, day)
+    for missing, there, here in (
+        (np.setdiff1d(request_ids, requests.request_ids), table_path, requests.path),
+        (np.setdiff1d(requests.request_ids, request_ids), requests.path, table_path),
+    ):
+        if missing.size:
+            raise DataError(
+                f"{missing.size} request(s) of {there.name} are missing from {here.parent.name}/{here.name}, "
+                f"e.g. request {missing[0]}", file=here, day=day, column="request_id",
+            )
+    entry_request = np.searchsorted(request_ids, requests.request_ids)  # [R] file order -> sorted index
+
+    # Assembled in request_id_dict order and put in output order at the end.
+    blocks, labels, present = [], [], []
+    for group in setting.groups:
+        rows, lengths = requests.group(group, day, head=schema.GROUP_SIZE)  # research pipeline: the first 10
+        short = lengths < schema.GROUP_SIZE
+        if short.any() and not pad_short_groups:
+            i = np.flatnonzero(short)[0]
+            raise DataError(
+                f"request {requests.request_ids[i]} has {lengths[i]} {group} items, fewer than the "
+                f"{schema.GROUP_SIZE} a group needs (use --pad-short-groups to pad and mask them)",
+                file=requests.path, day=day, column=group,
+            )
+        present.append(np.arange(schema.GROUP_SIZE) < lengths[:, None])  # [R, 10]
+        if group in schema.POSITIVE_INDEX_COLUMN:
+            req = np.repeat(entry_request, np.minimum(lengths, schema.GROUP_SIZE))
+            row_label = _positive_labels(table, request_ids, row_request, group, req, rows[:, _ARRAY_COL["video_id"]],
+                                         table_path, day)
+        else:
+            row_label = np.full(len(rows), schema.NEGATIVE_LABEL[group], np.int8)
+        blocks.append(_fill(rows, present[-1]))
+        labels.append(_fill(row_label, present[-1]))
+    dict_path = requests.path
+    del requests
+    cand = _split_fields(np.concatenate(blocks, axis=1), _ARRAY_COL, _CAND_FIELDS)  # each [R, N]
+    mask = np.concatenate(present, axis=1)
+
+    columns = {"cand_label": np.concatenate(labels, axis=1), "cand_mask": mask.view(np.int8)}
+    for name in _ITEM_IDS:
+        columns[f"cand_{name}"] = _encode_ids(cand[name], mask, id_counts[name],
+                                              dict(file=dict_path, day=day, column=name))
+    for unit, values in time_features(cand["upload_timestamp"], "s").items():
+        columns[f"cand_upload_{unit}"] = values * mask
+    file_row = np.argsort(entry_request)[order]  # output row -> position in request_id_dict
+    return {name: values[file_row] for name, values in columns.items()}
 
 
 def _split_fields(grid: np.ndarray, index: dict[str, int], names: tuple[str, ...]) -> dict[str, np.ndarray]:
