@@ -108,28 +108,41 @@ def request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray
     return request_ids, row_request, fields
 
 
-def _positive_labels(
-    table: pa.Table, request_ids: np.ndarray, row_request: np.ndarray, group: str, req: np.ndarray,
-    video: np.ndarray, path: Path, day: dt.date,
-) -> np.ndarray:
-    """Graded labels of positive items (index `req` into request_ids, raw video id `video`), from all_stage."""
-    index_column = schema.POSITIVE_INDEX_COLUMN[group]
+@dataclass
+class _Positives:
+    """One positive group's all_stage rows, sorted by key = request index * stride + raw video id."""
+
+    group: str
+    keys: np.ndarray
+    positions: np.ndarray  # the rows' rank_index / rerank_index
+    stride: int
+
+
+def _index_positives(table: pa.Table, row_request: np.ndarray, video: np.ndarray, group: str) -> _Positives:
+    """Index the `group` == 1 rows of all_stage (`row_request`, `video`: each row's request index and video)."""
     is_pos = table.column(group).to_numpy() == 1
-    stride = int(max(table.column("video_id").to_numpy().max(initial=0), video.max(initial=0))) + 1
-    keys = row_request[is_pos] * stride + table.column("video_id").to_numpy()[is_pos]
-    index = table.column(index_column).to_numpy()[is_pos]
+    stride = int(video.max(initial=0)) + 1
+    keys = row_request[is_pos] * stride + video[is_pos]
     order = np.argsort(keys, kind="stable")
-    keys, index = keys[order], index[order]
-    wanted = req * stride + video
+    positions = table.column(schema.POSITIVE_INDEX_COLUMN[group]).to_numpy()[is_pos][order]
+    return _Positives(group, keys[order], positions, stride)
+
+
+def _positive_labels(
+    positives: _Positives, request_ids: np.ndarray, req: np.ndarray, video: np.ndarray, path: Path, day: dt.date
+) -> np.ndarray:
+    """Graded labels of positive items (index `req` into request_ids, raw video id `video`)."""
+    group, keys, index_column = positives.group, positives.keys, schema.POSITIVE_INDEX_COLUMN[positives.group]
+    wanted = req * positives.stride + video
     at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
-    found = (keys[at] == wanted) if len(keys) else np.zeros(len(wanted), bool)
+    found = (keys[at] == wanted) & (video >= 0) & (video < positives.stride) if len(keys) else np.zeros(len(wanted), bool)
     if not found.all():
         miss = np.flatnonzero(~found)[0]
         raise DataError(
             f"positive video {video[miss]} of request {request_ids[req[miss]]} in request_id_dict has no {group} row "
             f"with a {index_column} in all_stage", file=path, day=day, column=index_column,
         )
-    positions = index[at]
+    positions = positives.positions[at]
     bad = (positions < 1) | (positions > schema.MAX_POSITIVE_INDEX)
     if bad.any():
         raise DataError(
@@ -156,10 +169,12 @@ def build_day(
         c for g in setting.groups if g in schema.POSITIVE_INDEX_COLUMN for c in (g, schema.POSITIVE_INDEX_COLUMN[g])])
     table = raw.read_table(table_path, day, columns_needed)
     request_ids, row_request, request_fields = request_index(table, table_path, day)
+    video = table.column("video_id").to_numpy()
+    positives = {g: _index_positives(table, row_request, video, g) for g in setting.groups if g in schema.POSITIVE_INDEX_COLUMN}
+    del table, row_request, video  # a day's raw inputs are released one by one: memory peaks at one of them
     # Chronological order within the day, so a reader without shuffling replays the log.
     order = np.lexsort((request_ids, request_fields["request_timestamp"]))  # output row -> sorted index
-    columns = _candidate_columns(root, day, setting, id_counts, pad_short_groups, table, request_ids, row_request, order)
-    del table, row_request  # a day's raw inputs are released one by one: memory peaks at one of them
+    columns = _candidate_columns(root, day, setting, id_counts, pad_short_groups, positives, request_ids, order)
 
     request_ids = request_ids[order]
     request_fields = {name: values[order] for name, values in request_fields.items()}
@@ -193,12 +208,13 @@ def build_day(
 
 def _candidate_columns(
     root: Path, day: dt.date, setting: schema.StageSetting, id_counts: dict[str, int], pad_short_groups: bool,
-    table: pa.Table, request_ids: np.ndarray, row_request: np.ndarray, order: np.ndarray,
+    positives: dict[str, _Positives], request_ids: np.ndarray, order: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """The cand_* columns of a day from request_id_dict (labels of positives from all_stage), in output order.
+    """The cand_* columns of a day from request_id_dict, in output order.
 
     Args:
-        table, request_ids, row_request: the day's all_stage table and its request_index.
+        positives: all_stage's positive rows by group (their positions give the labels).
+        request_ids: the day's sorted distinct request ids.
         order: output row -> index into request_ids.
     """
     table_path = raw.day_file(root, schema.ALL_STAGE_DIR, day)
@@ -227,10 +243,9 @@ def _candidate_columns(
                 file=requests.path, day=day, column=group,
             )
         present.append(np.arange(schema.GROUP_SIZE) < lengths[:, None])  # [R, 10]
-        if group in schema.POSITIVE_INDEX_COLUMN:
+        if group in positives:
             req = np.repeat(entry_request, np.minimum(lengths, schema.GROUP_SIZE))
-            row_label = _positive_labels(table, request_ids, row_request, group, req, rows[:, _ARRAY_COL["video_id"]],
-                                         table_path, day)
+            row_label = _positive_labels(positives[group], request_ids, req, rows[:, _ARRAY_COL["video_id"]], table_path, day)
         else:
             row_label = np.full(len(rows), schema.NEGATIVE_LABEL[group], np.int8)
         blocks.append(_fill(rows, present[-1]))
