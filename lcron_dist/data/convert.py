@@ -7,9 +7,7 @@ bounded by one day. Each day is written to a temporary folder and renamed when c
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import gc
 import os
 import queue
 import shutil
@@ -280,22 +278,6 @@ def _fill(rows: np.ndarray, present: np.ndarray) -> np.ndarray:
     return block
 
 
-@contextlib.contextmanager
-def gc_paused():
-    """Pause Python's cycle collector while a day is built.
-
-    Unpickling a day creates a few hundred thousand containers (dicts, array records) that hold no
-    cycles and die with the day; letting the collector re-traverse them costs a quarter of the build.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def write_day(table: pa.Table, out: Path, day: dt.date, rows_per_file: int, force: bool) -> None:
     """Write a day's parts into a temporary folder, then move it into place in one rename."""
     final = dataset.day_dir(out, day)
@@ -353,7 +335,7 @@ def convert_days(
                 done(day)
                 continue
             start = time.perf_counter()
-            with gc_paused():
+            with raw.gc_paused():
                 table = build_day(src, day, schema.StageSetting(num_stages), id_counts, pad_short_groups)
             if pending is not None:
                 finish()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import pickle
 import shutil
 import zoneinfo
@@ -240,6 +241,7 @@ def test_cli_reports_bad_input_with_nonzero_exit(broken_raw: Path, tmp_path: Pat
     err = capsys.readouterr().err
     assert code != 0
     assert "lcron-data convert: error:" in err and "column province" in err and str(day) in err
+    assert gc.isenabled(), "the cycle collector, paused while a day is built, is back on after a failed day"
 
 
 def test_pad_short_groups_masks_the_missing_items(broken_raw: Path, tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ RAW_BREAKS = {
     "rank_index in 1..20 on rank_pos rows": lambda f: f.assign(rank_index=np.where(f.rank_pos == 1, 21, f.rank_index)),
     "request-level columns constant within a request": lambda f: f.assign(age=np.arange(len(f)) % 2),
     "request_id_dict lists = all_stage flags": lambda f: f.assign(prerank_neg=np.where(f.request_id == f.request_id.iloc[0], 0, f.prerank_neg)),
+    "one row per (request, video)": lambda f: pd.concat([f, f.iloc[[len(f) // 2]]]),
 }
 
 
