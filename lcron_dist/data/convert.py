@@ -30,7 +30,7 @@ from lcron_dist.data.errors import DataError
 
 _ARRAY_COL = {name: i for i, name in enumerate(schema.REQUEST_ARRAY_COLUMNS)}
 _SEQ_COL = {name: i for i, name in enumerate(schema.SEQ_COLUMNS)}
-_ITEM_IDS = ("video_id", "author_id", "category_level_two", "category_level_one", "upload_type")
+_ITEM_IDS = schema.HISTORY_FEATURES  # a candidate carries the same five item id fields as a history position
 _CAND_FIELDS = (*_ITEM_IDS, "upload_timestamp")
 _HIST_FIELDS = (*schema.HISTORY_FEATURES, "request_timestamp")
 _PER_MINUTE = {"ms": 60_000, "s": 60}
