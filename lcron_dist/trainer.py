@@ -1,16 +1,19 @@
 """The Trainer: builds everything in a fixed order, owns the day loop and evaluation.
 
 distributed init -> seed -> data -> loss and model (tables on the meta device) -> shard tables
-(TorchRec DMP) -> wrap dense parameters (DeepSpeed) -> optimizers -> metrics. Training is one
-chronological pass over the training days (shuffled within a day by seed), then the test day.
+(TorchRec DMP) -> wrap dense parameters (DeepSpeed) -> optimizers -> checkpoint state (resume or warm
+start) -> metrics. Training is one chronological pass over the training days (shuffled within a day by
+seed), then the test day; checkpoints are saved every `checkpoint.every_steps` and at day ends.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import platform
 import random
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from lcron_dist.components.checkpoint import Checkpointer, CheckpointCallback, CheckpointError, first_mismatch
 from lcron_dist.components.logging import MetricsSink, build_logger
 from lcron_dist.components.profiling import (
     PhaseTimer,
@@ -26,12 +30,20 @@ from lcron_dist.components.profiling import (
     maybe_enable_profiling,
     peak_memory_mib,
 )
+from lcron_dist.components.progress import TrainProgress
 from lcron_dist.config import JobConfig, to_dict
 from lcron_dist.data import schema
 from lcron_dist.data.reader import DayReader, LocalReader
-from lcron_dist.distributed.dense import build_dense_engine
+from lcron_dist.distributed.dense import build_dense_engine, dense_optimizer_step, gather_dense_state, load_dense_state
 from lcron_dist.distributed.process_group import DistInfo, init_distributed
-from lcron_dist.distributed.sharding import apply_sharding, apply_table_init, build_sparse_optimizer
+from lcron_dist.distributed.sharding import (
+    apply_sharding,
+    apply_table_init,
+    build_sparse_optimizer,
+    init_table_optimizer_state,
+    sharding_types,
+    table_state_layout,
+)
 from lcron_dist.losses import build_loss
 from lcron_dist.metrics import CascadeMetrics
 from lcron_dist.models import Cascade
@@ -65,8 +77,26 @@ def resolve_days(config: JobConfig, available: list[dt.date]) -> tuple[list[dt.d
     return train_days, test_day
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of the stack a checkpoint was written with (for its manifest)."""
+    versions = {"python": platform.python_version()}
+    for package in ("lcron-dist", "torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "deepspeed", "ray", "pyarrow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 class Trainer:
-    def __init__(self, config: JobConfig) -> None:
+    """Builds the job from its config and runs it.
+
+    Args:
+        config: the resolved job config.
+        on_checkpoint: called on every rank after each committed checkpoint (Ray Train reports it).
+    """
+
+    def __init__(self, config: JobConfig, on_checkpoint: CheckpointCallback | None = None) -> None:
         self.config = config
         self.dist = init_distributed()
         self.device = self.dist.device
@@ -95,6 +125,12 @@ class Trainer:
         loss = build_loss(config.loss.name, num_stages=config.model.num_stages, **config.loss.options)
         model = Cascade(config.model, meta.vocab_sizes, loss, device="meta")
         model.dense.to(self.device)
+        self.signature = {  # what a checkpoint must match to load into this model
+            "num_stages": config.model.num_stages,
+            "tables": {t.name: [t.num_embeddings, t.embedding_dim] for m in model.sparse.values()
+                       for t in m.ebc.embedding_bag_configs()},
+            "dense": {name: list(p.shape) for name, p in model.dense.named_parameters()},
+        }
         slots = max(meta.num_candidates, meta.seq_len)  # Batch.num_slots: the KJT's bags per request
         self.model, plan = apply_sharding(model, config, self.device, self.dist.world_size, slots)
         apply_table_init(self.model, seed)
@@ -105,9 +141,116 @@ class Trainer:
         # DMP shards `model` in place, so model.dense is the module the DMP forward runs.
         self.engine = build_dense_engine(model.dense, config, self.dist.world_size, self.device)
         self.stages = model.stages
-        self.sink = MetricsSink(self.run_dir, self.dist.is_main, config.run.tensorboard)
         self.timer = PhaseTimer(self.device)
-        self.step = 0
+
+        ck = config.checkpoint
+        self.checkpointer = Checkpointer(Path(ck.dir) if ck.dir else self.run_dir / "checkpoints", ck.keep,
+                                         self.dist.rank, self.log)
+        self.on_checkpoint = on_checkpoint
+        self.progress = TrainProgress()
+        self.checkpointer.remove_leftovers()
+        resumed = self.maybe_resume(ck.resume)
+        # A resumed run keeps the metrics rows up to its checkpoint; those after it are trained again.
+        self.sink = MetricsSink(self.run_dir, self.dist.is_main, config.run.tensorboard,
+                                keep_until=self.progress.step if resumed else None)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _checkpoint_state(self, dense_state: dict | None = None) -> dict:
+        """The DCP state dict of the run: tables and their optimizer, dense weights and optimizer state.
+
+        Args:
+            dense_state: for a load, {name: {key: shape}} of the checkpoint's dense optimizer state
+                (templates are allocated for it); None for a save (the live state is gathered).
+        """
+        tables = {k: v for k, v in self.model.state_dict().items() if not k.startswith("dense.")}
+        weights, states = gather_dense_state(self.engine)
+        if dense_state is not None:
+            states = {name: {key: torch.empty(shape) for key, shape in keys.items()} for name, keys in dense_state.items()}
+        return {"tables": tables, "table_optimizer": self.sparse_optimizer.state_dict(), "dense": weights,
+                "dense_optimizer": states}
+
+    def save_checkpoint(self) -> Path:
+        """Commit the run's state at the current step (collective)."""
+        state = self._checkpoint_state()
+        manifest = {
+            "run_dir": str(self.run_dir.resolve()),
+            "progress": self.progress.to_dict(),
+            "world_size": self.dist.world_size,
+            "global_batch": self.config.data.batch_size * self.dist.world_size,
+            "model": self.signature,
+            "plan": {"sharding": sharding_types(self.model),
+                     "table_state": table_state_layout(state["table_optimizer"], list(self.signature["tables"]))},
+            "dense_state": {name: {k: list(v.shape) for k, v in keys.items()} for name, keys in state["dense_optimizer"].items()},
+            "dense_optimizer_step": dense_optimizer_step(self.engine),
+            "versions": library_versions(),
+            "config": to_dict(self.config),
+            "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        path = self.checkpointer.save(self.progress.step, state, manifest)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path, manifest)
+        return path
+
+    def _check_compatible(self, path: Path, manifest: dict) -> None:
+        """Refuse a checkpoint of another model, or one whose table optimizer state this plan cannot take."""
+        mismatch = first_mismatch(manifest["model"], self.signature, "model")
+        if mismatch:
+            raise CheckpointError(f"checkpoint {path} is of another model: {mismatch}")
+        init_table_optimizer_state(self.sparse_optimizer)
+        now_sharding = sharding_types(self.model)
+        now_layout = table_state_layout(self.sparse_optimizer.state_dict(), list(self.signature["tables"]))
+        then_sharding, then_layout = manifest["plan"]["sharding"], manifest["plan"]["table_state"]
+        for table, layout in then_layout.items():
+            if layout != now_layout[table]:
+                raise CheckpointError(
+                    f"table {table}: checkpoint {path} holds its optimizer state as {layout} "
+                    f"({then_sharding[table]}, {manifest['config']['parallelism']['table_optimizer']}); this run "
+                    f"keeps {now_layout[table]} ({now_sharding[table]}, {self.config.parallelism.table_optimizer}). "
+                    f"Loading would lose that state: resume with --parallelism.table_sharding.{table}="
+                    f"{then_sharding[table]} and the same table_optimizer")
+            if then_sharding[table] != now_sharding[table]:
+                self.log.info("table %s: resharded from %s to %s", table, then_sharding[table], now_sharding[table])
+
+    def maybe_resume(self, resume: str) -> bool:
+        """Load the checkpoint `resume` names (checkpoint.resume), if any.
+
+        A checkpoint of this run folder resumes the run where it stopped (step, data cursor, counters);
+        one of another run is a warm start: its model, optimizer state and step count, then the
+        configured training days from their start.
+
+        Returns:
+            True when this run resumed from its own checkpoint.
+        """
+        found = self.checkpointer.resolve(resume)
+        if found is None:
+            return False
+        path, manifest = found
+        self._check_compatible(path, manifest)
+        saved = TrainProgress.from_dict(manifest["progress"])
+        same_run = Path(manifest["run_dir"]) == self.run_dir.resolve()
+        global_batch = self.config.data.batch_size * self.dist.world_size
+        if same_run and saved.batches and not saved.day_done and manifest["global_batch"] != global_batch:
+            raise CheckpointError(
+                f"checkpoint {path} stopped after {saved.batches} global batches of {manifest['global_batch']} "
+                f"requests on {saved.day}; this run's global batch is {global_batch} (data.batch_size × world size): "
+                f"resume with data.batch_size={manifest['global_batch'] // self.dist.world_size}"
+                if manifest["global_batch"] % self.dist.world_size == 0 else
+                f"checkpoint {path} stopped in the middle of {saved.day} with a global batch of "
+                f"{manifest['global_batch']} requests, which {self.dist.world_size} ranks cannot split evenly")
+        start = time.perf_counter()
+        state = self._checkpoint_state(dense_state=manifest["dense_state"])
+        self.checkpointer.load(path, state)
+        self.sparse_optimizer.load_state_dict(state["table_optimizer"])
+        load_dense_state(self.engine, state["dense"], state["dense_optimizer"], manifest["dense_optimizer_step"])
+        # fbgemm's fused optimizers count steps outside their state dict (Adam's bias correction uses it).
+        self.sparse_optimizer.set_optimizer_step(saved.step)
+        self.progress = saved if same_run else TrainProgress(step=saved.step)
+        self.log.info("%s from %s (step %d, %s) in %.2f s", "resumed" if same_run else "warm start",
+                      path, saved.step, f"{saved.day}: {saved.batches} global batches"
+                      + (" (day done)" if saved.day_done else "") if saved.day else "before any step",
+                      time.perf_counter() - start)
+        return same_run
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -142,60 +285,62 @@ class Trainer:
             gathered = [torch.empty_like(per_rank) for _ in range(self.dist.world_size)]
             dist.all_gather(gathered, per_rank)
             per_rank = torch.cat(gathered)
-        row = {"step": self.step, "day": str(day), **dict(zip(parts, values.tolist())),
+        row = {"step": self.progress.step, "day": str(day), **dict(zip(parts, values.tolist())),
                "requests_per_s": requests * self.dist.world_size / max(seconds, 1e-9),
                **self.timer.shares(),  # rank 0's phase shares
                **{f"{key}/rank{r}": per_rank[r, i].item() for r in range(per_rank.shape[0])
                   for i, key in enumerate(memory)}}
         self.sink.write(row)
         if self.dist.is_main:
-            self.log.info("step %d day %s %s", self.step, day,
+            self.log.info("step %d day %s %s", self.progress.step, day,
                           " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                    if k not in ("step", "day")))
 
-    def train(self, days: list[dt.date]) -> tuple[int, float]:
-        """One chronological pass over `days`, continuing from the current weights.
+    def _save_due(self, last_of_day: bool) -> bool:
+        every = self.config.checkpoint.every_steps
+        return bool(every and self.progress.step % every == 0) or (last_of_day and self.config.checkpoint.at_day_end)
 
-        Returns:
-            (requests trained on all ranks, seconds on this rank).
+    def train(self, days: list[dt.date]) -> None:
+        """One chronological pass over `days`, continuing from the current weights and the data cursor.
+
+        Days the cursor has passed are skipped; the cursor's day continues at its next global batch.
+        Progress (requests, seconds, step) accumulates in self.progress.
         """
         self.model.train()
-        total_requests, total_seconds = 0, 0.0
         limit = self.config.train.max_steps_per_day
+        todo = [(day, start) for day in days if (start := self.progress.start_batch(day)) is not None]
         p = self.config.profiling
         with maybe_enable_profiling(p.enable_profiling, self.run_dir / "traces", self.dist.rank,
                                     p.profile_start_step, p.profile_steps, self.device) as profiler:
-            for i, day in enumerate(days):
-                if i + 1 < len(days):  # the next day streams in while this one trains
-                    self.reader.prefetch(days[i + 1], shuffle=True)
-                steps = self.reader.num_batches(day)
-                steps = min(steps, limit) if limit else steps
-                bar = tqdm(total=steps, desc=f"train {day}", unit="step",
+            for i, (day, start) in enumerate(todo):
+                if i + 1 < len(todo):  # the next day streams in while this one trains
+                    self.reader.prefetch(todo[i + 1][0], shuffle=True)
+                sizes = self.reader.global_batch_sizes(day)
+                sizes = sizes[:limit] if limit else sizes
+                bar = tqdm(total=len(sizes), initial=start, desc=f"train {day}", unit="step",
                            disable=not (self.dist.is_main and self.config.run.progress))
                 window_requests, window_start = 0, time.perf_counter()
-                day_start = time.perf_counter()
-                batches = self.reader.iter_day(day, shuffle=True)
-                for _ in range(steps):
-                    self.timer.sync = (self.step + 1) % self.config.run.log_every == 0
+                batches = self.reader.iter_day(day, shuffle=True, start=start)
+                for index in range(start, len(sizes)):
+                    step_start = time.perf_counter()
+                    self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0
                     with self.timer.phase("data"):
                         batch = next(batches)
                     parts = self.train_step(batch)
-                    self.step += 1
-                    total_requests += batch.size
+                    last = index + 1 == len(sizes)
+                    self.progress.advance(day, sizes[index], last)
                     window_requests += batch.size
                     bar.update()
                     if profiler is not None:
                         profiler.step()
-                    if self.step % self.config.run.log_every == 0:
+                    if self.progress.step % self.config.run.log_every == 0:
                         self._log_step(day, parts, window_requests, time.perf_counter() - window_start)
                         window_requests, window_start = 0, time.perf_counter()
+                    self.progress.seconds += time.perf_counter() - step_start
+                    if self._save_due(last):
+                        self.save_checkpoint()
                 batches.close()
                 bar.close()
-                total_seconds += time.perf_counter() - day_start
-        requests = torch.tensor([total_requests], dtype=torch.int64)
-        if self.dist.world_size > 1:
-            dist.all_reduce(requests)
-        return int(requests.item()), total_seconds
 
     # ---- evaluation ---------------------------------------------------------------------------
 
@@ -230,24 +375,26 @@ class Trainer:
         absent = [d for d in days if d not in self.reader.meta.day_list]
         if absent:
             raise ValueError(f"stream day {absent[0]} is not in dataset {self.config.data.path}")
-        rows, trained = [], 0
         history = [d for d in self.reader.meta.day_list if d < days[0]]
         if not history:
             raise ValueError(f"no day before {days[0]} in {self.config.data.path} to train on")
         pending = history
         for day in days:
-            trained += self.train(pending)[0]
-            metrics = self.evaluate(day)
-            rows.append({"day": str(day), "method": self.config.loss.name, "train_requests": trained, **metrics})
-            if self.dist.is_main:
-                self.log.info("stream %s: joint recall %.4f after %d training requests", day, metrics["joint_recall"], trained)
+            self.train(pending)
+            if not any(row["day"] == str(day) for row in self.progress.stream_rows):  # not before a restart
+                metrics = self.evaluate(day)
+                self.progress.stream_rows.append({"day": str(day), "method": self.config.loss.name,
+                                                  "train_requests": self.progress.requests, **metrics})
+                if self.dist.is_main:
+                    self.log.info("stream %s: joint recall %.4f after %d training requests", day,
+                                  metrics["joint_recall"], self.progress.requests)
             pending = [day]
-        return rows
+        return [row for row in self.progress.stream_rows if schema.parse_day(row["day"]) in days]
 
     def run(self) -> dict:
         with maybe_enable_memory_snapshot(self.config.profiling.enable_memory_snapshot, self.run_dir / "memory",
                                           self.dist.rank, self.device):
-            train_requests, train_seconds = self.train(self.train_days)
+            self.train(self.train_days)
             metrics = self.evaluate(self.test_day)
         results = {
             "method": self.config.loss.name,
@@ -257,9 +404,9 @@ class Trainer:
             "train_days": [str(d) for d in self.train_days],
             "joint_recall": metrics["joint_recall"],
             "stages": {s: {"recall": metrics[f"{s}/recall"], "ndcg@10": metrics[f"{s}/ndcg@10"]} for s in self.stages},
-            "train_requests": train_requests,
-            "train_seconds": train_seconds,
-            "train_requests_per_s": train_requests / max(train_seconds, 1e-9),
+            "train_requests": self.progress.requests,
+            "train_seconds": self.progress.seconds,
+            "train_requests_per_s": self.progress.requests / max(self.progress.seconds, 1e-9),
             "eval_requests": metrics["requests"],
             "world_size": self.dist.world_size,
         }

@@ -25,14 +25,28 @@ class MetricsSink:
     """One JSON object per log step to RUN_DIR/metrics.jsonl, and optionally TensorBoard scalars.
 
     Only the main rank writes (rows already carry cross-rank means where they need them).
+
+    Args:
+        keep_until: a resumed run's checkpoint step: rows up to it are kept and later ones (written
+            after that checkpoint by the stopped attempt, to be trained again) dropped; None starts empty.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, keep_until: int | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.board = None
         if enabled:
-            self.path.write_text("")
+            kept = []
+            if keep_until is not None and self.path.exists():
+                for line in self.path.read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] <= keep_until:
+                            kept.append(line + "\n")
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a line cut short when the stopped attempt died
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
             if tensorboard:
                 from tensorboardX import SummaryWriter
 

@@ -151,6 +151,26 @@ class ProfilingConfig(_Section):
 
 
 @dataclass
+class CheckpointConfig(_Section):
+    dir: str = ""
+    """Checkpoint folder; empty = RUN/checkpoints. Complete checkpoints are its step-<N> folders."""
+    every_steps: int = 0
+    """Save every this many global steps (0 = only at day ends)."""
+    at_day_end: bool = True
+    """Save when a training day is done (the day-by-day warm-start points)."""
+    keep: int = 3
+    """Keep the newest this many complete checkpoints (>= 2: the newest may be the one being replaced)."""
+    resume: str = "auto"
+    """auto (the newest complete checkpoint in dir, if any), none, or a checkpoint folder to start from."""
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        _check(self.keep >= 2, f"checkpoint.keep must be >= 2 (the newest complete checkpoint is never "
+                               f"removed while another is written), got {self.keep}")
+        _check(self.resume != "", "checkpoint.resume must be auto, none or a checkpoint folder, got ''")
+
+
+@dataclass
 class RayConfig(_Section):
     address: str = ""
     """Ray cluster to read with ("auto", "ray://head:10001"); empty = start a local Ray."""
@@ -220,6 +240,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
     def validate(self) -> None:

@@ -49,6 +49,19 @@ def load_day(root: Path, day: dt.date, meta: DatasetMeta) -> DayArrays:
     return table_to_arrays(table)
 
 
+def global_batch_bounds(num_requests: int, batch_size: int, world_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each global batch of a day: batch_size × world_size requests of its order.
+
+    A tail too small to give every rank a request joins the previous global batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = list(range(0, num_requests, batch_size * world_size))
+    if len(starts) > 1 and num_requests - starts[-1] < world_size:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [num_requests]))
+
+
 def plan_batches(
     num_requests: int, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int, day: dt.date
 ) -> list[np.ndarray]:
@@ -64,17 +77,10 @@ def plan_batches(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bounds = global_batch_bounds(num_requests, batch_size, world_size)
     order = (np.random.default_rng([seed, day.toordinal()]).permutation(num_requests)
              if shuffle else np.arange(num_requests))
-    global_size = batch_size * world_size
-    starts = list(range(0, num_requests, global_size))
-    # A tail too small to give every rank a request joins the previous global batch.
-    if len(starts) > 1 and num_requests - starts[-1] < world_size:
-        starts.pop()
-    ends = starts[1:] + [num_requests]
-    return [np.array_split(order[s:e], world_size)[rank] for s, e in zip(starts, ends)]
+    return [np.array_split(order[s:e], world_size)[rank] for s, e in bounds]
 
 
 def make_batch(arrays: DayArrays, rows: np.ndarray | slice, group_size: int = schema.GROUP_SIZE) -> Batch:
@@ -121,7 +127,12 @@ class DayReader:
 
     def num_batches(self, day: dt.date) -> int:
         """Steps this rank takes on `day` (the same on every rank)."""
-        return len(plan_batches(self._num_requests(day), self.batch_size, self.rank, self.world_size, False, 0, day))
+        return len(self.global_batch_sizes(day))
+
+    def global_batch_sizes(self, day: dt.date) -> list[int]:
+        """Requests of each global batch of `day`, all ranks together."""
+        bounds = global_batch_bounds(self._num_requests(day), self.batch_size, self.world_size)
+        return [end - start for start, end in bounds]
 
     def _num_requests(self, day: dt.date) -> int:
         name = schema.day_name(day)
@@ -137,9 +148,9 @@ class DayReader:
         """The day's rows at positions `rows` (of the day's log order), in that order."""
         raise NotImplementedError
 
-    def _load(self, day: dt.date, shuffle: bool) -> tuple[DayArrays, list[np.ndarray]]:
-        plan = self._plan(day, shuffle)
-        return self.load_rows(day, np.concatenate(plan)), plan
+    def _load(self, day: dt.date, shuffle: bool, start: int = 0) -> tuple[DayArrays, list[np.ndarray]]:
+        plan = self._plan(day, shuffle)[start:]
+        return self.load_rows(day, np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)), plan
 
     def prefetch(self, day: dt.date, shuffle: bool) -> None:
         """Start loading `day` in the background (iter_day then takes it from there)."""
@@ -147,14 +158,22 @@ class DayReader:
         if key not in self._pending:
             self._pending[key] = self._loader.submit(self._load, day, shuffle)
 
-    def iter_day(self, day: dt.date, shuffle: bool) -> Iterator[Batch]:
-        """This rank's batches of `day`; shuffle for training, log order for evaluation."""
+    def iter_day(self, day: dt.date, shuffle: bool, start: int = 0) -> Iterator[Batch]:
+        """This rank's batches of `day`; shuffle for training, log order for evaluation.
+
+        Args:
+            start: global batches of the day to skip (already trained before a restart).
+        """
         pending = self._pending.pop((day, shuffle), None)
-        arrays, plan = pending.result() if pending is not None else self._load(day, shuffle)
-        start = 0
+        if pending is not None:
+            arrays, plan = pending.result()
+            first = sum(len(rows) for rows in plan[:start])
+            plan = plan[start:]
+        else:
+            (arrays, plan), first = self._load(day, shuffle, start), 0
         for batch_rows in plan:
-            yield make_batch(arrays, slice(start, start + len(batch_rows)), self.meta.group_size)
-            start += len(batch_rows)
+            yield make_batch(arrays, slice(first, first + len(batch_rows)), self.meta.group_size)
+            first += len(batch_rows)
 
 
 class LocalReader(DayReader):

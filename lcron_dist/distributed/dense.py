@@ -1,4 +1,12 @@
-"""DeepSpeed engine for the dense parameters (towers, attention, loss weights)."""
+"""DeepSpeed engine for the dense parameters (towers, attention, loss weights), and their checkpoint form.
+
+Checkpoints hold the dense state *unpartitioned*: every parameter's fp32 value and Adam state, gathered
+through DeepSpeed's tensor-fragment API (safe_get_full_*), the same on every rank. DeepSpeed's own
+save_checkpoint writes ZeRO 1-3 optimizer state partitioned by data-parallel rank, which loads only at
+the same world size unless converted offline to a "universal checkpoint"; the dense part of a cascade
+is a few MB (towers, attention, loss weights: the large state is in the TorchRec tables), so gathering
+it costs little and the checkpoint loads at any world size and any ZeRO stage.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,12 @@ from lcron_dist.config.job_config import JobConfig
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 import deepspeed  # noqa: E402
+from deepspeed.utils import (  # noqa: E402
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 
 # The shared-memory communication op is JIT-compiled with g++ at init (30-45 s) unless ruled out;
 # gloo carries CPU collectives without it.
@@ -41,3 +55,96 @@ def build_dense_engine(dense: nn.Module, config: JobConfig, world_size: int, dev
     engine, *_ = deepspeed.initialize(model=dense, optimizer=optimizer,
                                       config=deepspeed_config(config, world_size, device))
     return engine
+
+
+# ---- world-size-independent dense state ---------------------------------------------------------
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed (ZeRO 1-3 wrap it; ZeRO-0 uses the client optimizer as is)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _zero_partitioned(engine) -> bool:
+    return engine.zero_optimization_stage() > 0
+
+
+def dense_optimizer_step(engine) -> float:
+    """The dense optimizer's step count (every state entry holds the same one; 0 before the first step)."""
+    steps = {float(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s}
+    if len(steps) > 1:
+        raise RuntimeError(f"dense optimizer state entries disagree on the step count: {sorted(steps)}")
+    return steps.pop() if steps else 0.0
+
+
+@torch.no_grad()
+def gather_dense_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Every dense parameter and its optimizer state, unpartitioned, identical on every rank.
+
+    Collective under ZeRO 1-3 (each rank contributes its partition). Returns (weights by parameter
+    name, {parameter name: {state key: tensor}}); a parameter the optimizer has not stepped yet has
+    no state entry.
+    """
+    weights, states = {}, {}
+    optimizer = _base_optimizer(engine)
+    keys = sorted({k for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
+    for name, param in engine.module.named_parameters():
+        if _zero_partitioned(engine):
+            weights[name] = safe_get_full_fp32_param(param).detach().clone().cpu()
+            if keys:
+                states[name] = {k: safe_get_full_optimizer_state(param, k).detach().clone().cpu() for k in keys}
+        else:
+            weights[name] = param.detach().clone().cpu()
+            if param in optimizer.state:
+                states[name] = {k: v.detach().clone().cpu() for k, v in optimizer.state[param].items()
+                                if torch.is_tensor(v) and v.dim() > 0}
+    return weights, states
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], keys: list[str]) -> None:
+    """Create the lazily created Adam/AdamW state of `params` (zeros, step 0) so it can be loaded into."""
+    for p in params:
+        if not optimizer.state.get(p):
+            optimizer.state[p] = {"step": torch.tensor(0.0),
+                                  **{k: torch.zeros_like(p, memory_format=torch.preserve_format) for k in keys}}
+
+
+@torch.no_grad()
+def load_dense_state(engine, weights: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+                     step: float) -> None:
+    """Put gathered dense state (gather_dense_state, maybe from another world size) into `engine`.
+
+    Sets the module's weights, the fp32 master partitions and optimizer state of this rank (ZeRO 1-3),
+    and the optimizer step count. Collective under ZeRO-3.
+    """
+    optimizer = _base_optimizer(engine)
+    keys = sorted({k for s in states.values() for k in s})
+    named = dict(engine.module.named_parameters())
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        _init_optimizer_state(optimizer, [named[n] for n in states], keys)
+        for name, param in named.items():
+            param.copy_(weights[name])
+            for key, value in states.get(name, {}).items():
+                optimizer.state[param][key].copy_(value)
+    else:
+        if stage in (1, 2):
+            _init_optimizer_state(optimizer, list(engine.optimizer.single_partition_of_fp32_groups), keys)
+            engine.optimizer._lazy_init_hp_params_optimizer_state()  # noqa: SLF001 (links the state fragments)
+        if stage == 3:
+            import deepspeed as ds
+
+            # The bit16 partitions: gather, set the full values, re-partition.
+            with ds.zero.GatheredParameters(list(named.values()), modifier_rank=0):
+                if engine.global_rank == 0:
+                    for name, param in named.items():
+                        param.copy_(weights[name])
+        else:
+            for name, param in named.items():
+                param.copy_(weights[name])
+        for name, param in named.items():
+            safe_set_full_fp32_param(param, weights[name].to(param.device))
+            for key, value in states.get(name, {}).items():
+                safe_set_full_optimizer_state(param, value.to(param.device), key)
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"].fill_(step) if torch.is_tensor(state["step"]) else state.update(step=step)

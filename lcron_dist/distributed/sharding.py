@@ -257,3 +257,39 @@ def apply_table_init(dmp: DistributedModelParallel, seed: int) -> None:
                 shard.tensor.copy_(_table_rows(seed, table, rows, dim, r0, r0 + nr)[:, c0:c0 + nc])
         else:
             tensor.copy_(_table_rows(seed, table, rows, dim, 0, rows))
+
+
+# ---- checkpoint support --------------------------------------------------------------------------
+
+def sharding_types(dmp: DistributedModelParallel) -> dict[str, str]:
+    """The sharding type of every table in the applied plan."""
+    return {table: ps.sharding_type for module_plan in dmp.plan.plan.values() for table, ps in module_plan.items()}
+
+
+def table_state_layout(optimizer_state: dict, tables: list[str]) -> dict[str, dict[str, list[int]]]:
+    """Per table, its optimizer-state entries (key -> global shape) as they would be checkpointed.
+
+    Fused (fbgemm) and torch optimizers keep differently named and shaped state for the same table
+    (momentum1 [rows] vs exp_avg/exp_avg_sq [rows, dim], or a column-wise table's state sized by its
+    shard count), so two runs can exchange a table's optimizer state only if its layouts are equal.
+    """
+    layout: dict[str, dict[str, list[int]]] = {t: {} for t in tables}
+    for param_key, entries in optimizer_state["state"].items():
+        table = param_key.split(".")[-2]
+        kind = param_key.split(".", 1)[0]  # "fused" or "tables" (build_sparse_optimizer)
+        for key, value in entries.items():
+            name = key.removeprefix(f"{table}.")
+            layout[table][f"{kind}:{name}"] = list(value.size()) if hasattr(value, "size") else []
+    return layout
+
+
+def init_table_optimizer_state(optimizer: CombinedOptimizer) -> None:
+    """Create the lazily created state of torch-stepped (data-parallel) tables so a checkpoint can load into it.
+
+    TorchRec's init_state runs one step on zero gradients: Adam, Adagrad and SGD leave the weights
+    unchanged by it (tables have no weight decay), and every state entry it creates is then overwritten.
+    """
+    for name, part in optimizer.optimizers:
+        if name == "tables" and not part.state:
+            part.init_state()
+            part.zero_grad()
