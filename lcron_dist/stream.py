@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from lcron_dist.trainer import Trainer
 
     rows: list[dict] = []
+    failed = True
     try:
         for config in configs:
             trainer = Trainer(config)
@@ -75,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             write_csv(rows, out / "stream.csv")
             plot(rows, out / "stream.png", f"{Path(args.config).stem}: streaming protocol")
             print(f"wrote {out / 'stream.csv'} and {out / 'stream.png'}")
+        failed = False
     except ValueError as exc:
         print(f"lcron-stream: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        teardown(failed)
     return 0
 
 

@@ -23,13 +23,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     from lcron_dist.trainer import Trainer  # heavy imports only once the config is known to be valid
 
+    failed = True
     try:
         Trainer(config).run()
+        failed = False
     except ValueError as exc:  # bad input (config, data, device support): a message, not a traceback
         print(f"lcron-train: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        teardown(failed)
     return 0
 
 

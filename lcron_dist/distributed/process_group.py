@@ -46,8 +46,14 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def teardown() -> None:
-    """Leave the process group cleanly (a rank that skips this can abort at interpreter exit)."""
+def teardown(failed: bool = False) -> None:
+    """Leave the process group cleanly (a rank that skips this can abort at interpreter exit).
+
+    Args:
+        failed: this rank stops on an error: leave without the barrier, which the other ranks (busy in
+            a collective, or stopping on the same error) might never reach; the launcher then ends them.
+    """
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()

@@ -272,6 +272,7 @@ def table_state_layout(optimizer_state: dict, tables: list[str]) -> dict[str, di
     Fused (fbgemm) and torch optimizers keep differently named and shaped state for the same table
     (momentum1 [rows] vs exp_avg/exp_avg_sq [rows, dim], or a column-wise table's state sized by its
     shard count), so two runs can exchange a table's optimizer state only if its layouts are equal.
+    Collective: a rank holds the state of its own shards only, so the layouts of all ranks are merged.
     """
     layout: dict[str, dict[str, list[int]]] = {t: {} for t in tables}
     for param_key, entries in optimizer_state["state"].items():
@@ -280,7 +281,13 @@ def table_state_layout(optimizer_state: dict, tables: list[str]) -> dict[str, di
         for key, value in entries.items():
             name = key.removeprefix(f"{table}.")
             layout[table][f"{kind}:{name}"] = list(value.size()) if hasattr(value, "size") else []
-    return layout
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, layout)
+        for other in gathered:
+            for table, entries in other.items():
+                layout[table].update(entries)
+    return {table: dict(sorted(entries.items())) for table, entries in layout.items()}
 
 
 def init_table_optimizer_state(optimizer: CombinedOptimizer) -> None:
