@@ -6,7 +6,9 @@
 #
 # Environment (defaults): CONFIG (configs/tiny-2stage.toml), NPROC_PER_NODE (1), NNODES (1), NODE_RANK (0),
 # MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), LOG_DIR (per-rank log files; default: none, console only),
-# PYTHON (.venv/bin/python if present, else python3). Other arguments pass through as config overrides.
+# MAX_RESTARTS (3: when a rank dies, torchrun restarts the whole group this many times, and the run resumes
+# from its newest complete checkpoint), PYTHON (.venv/bin/python if present, else python3).
+# Other arguments pass through as config overrides.
 # Every log line carries its rank: "[rank R]" from lcron_dist's logger, "[default<local rank>]:" from torchrun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -32,5 +35,6 @@ fi
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-lcron}" \
+  --max-restarts "$MAX_RESTARTS" \
   "${log_args[@]}" \
   -m lcron_dist.train --config "$CONFIG" "$@"

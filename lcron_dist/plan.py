@@ -5,7 +5,8 @@
 Builds the cascade's tables on the meta device at the full RecFlow vocabulary sizes (or a converted
 dataset's, with --dataset), runs the planner for the given world size and device limits, and prints
 per table its sharding and ranks, and per rank the estimated memory (weights, optimizer state, I/O
-buffers) — how many GPUs the setting needs and how memory falls as ranks are added.
+buffers) — how many GPUs the setting needs and how memory falls as ranks are added — and the estimated
+checkpoint size: what each rank writes of its table shards, and the replicated part written once.
 """
 
 from __future__ import annotations
@@ -49,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from torchrec.distributed.planner.types import PlannerError
 
-    from lcron_dist.distributed.sharding import build_planner, build_sharder, describe_plan, placements
+    from lcron_dist.distributed.sharding import (
+        build_planner,
+        build_sharder,
+        checkpoint_bytes,
+        describe_checkpoint_size,
+        describe_plan,
+        placements,
+    )
     from lcron_dist.losses import build_loss
     from lcron_dist.models import Cascade
 
@@ -70,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.config}: {config.model.num_stages}-stage, world size {args.world_size} on {args.device}"
           f"{f', {p.hbm_gb:g} GiB HBM per rank' if p.hbm_gb else ''}; default sharding {p.sharding}, "
           f"table optimizer {p.table_optimizer}, batch {config.data.batch_size} requests per rank")
-    print(describe_plan(placements(planner), args.world_size))
+    tables = placements(planner)
+    print(describe_plan(tables, args.world_size))
+    dense_params = sum(param.numel() for param in model.dense.parameters())
+    print()
+    print(describe_checkpoint_size(*checkpoint_bytes(tables, p.table_optimizer, dense_params, args.world_size)))
     return 0
 
 

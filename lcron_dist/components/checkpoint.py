@@ -157,7 +157,8 @@ class Checkpointer:
 
         Args:
             resume: "auto" (the newest complete checkpoint that verifies, falling back past damaged ones
-                with a warning), "none", or a checkpoint folder (which must verify).
+                with a warning), "none", a checkpoint folder (which must verify), or a folder of
+                checkpoints (its newest complete one, as auto).
 
         Raises:
             CheckpointError: an explicit checkpoint is missing or damaged (on every rank).
@@ -174,9 +175,10 @@ class Checkpointer:
         return (Path(choice[0]), choice[1]) if choice else None
 
     def _choose(self, resume: str) -> tuple[str, dict] | None:
-        if resume != "auto":
-            return str(Path(resume)), read_manifest(Path(resume))
-        for _, path in checkpoint_steps(self.root):
+        root = self.root if resume == "auto" else Path(resume)
+        if resume != "auto" and ((root / MANIFEST).exists() or not checkpoint_steps(root)):
+            return str(root), read_manifest(root)
+        for _, path in checkpoint_steps(root):  # auto, or a checkpoint folder of another run
             try:
                 return str(path), read_manifest(path)
             except CheckpointError as exc:

@@ -42,7 +42,12 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # torchrun's restarted workers rendezvous again on the agent's store, where the killed attempt's
+        # process-group keys (every rank's gloo address) are still set: keep each attempt's keys apart.
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 

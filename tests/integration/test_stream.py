@@ -14,11 +14,12 @@ from lcron_dist.data import convert, dataset
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(module: str, *args: str) -> None:
+def _run(module: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", module, "--config", "configs/tiny-2stage.toml", "--run.progress=false",
                            *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
 
 
 def test_stream_tests_every_day_after_training_on_the_days_before(tiny_raw: Path, tmp_path: Path) -> None:
@@ -43,3 +44,22 @@ def test_stream_tests_every_day_after_training_on_the_days_before(tiny_raw: Path
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
     last = next(r for r in rows if r["method"] == "lcron" and r["day"] == days[2])
     assert float(last["joint_recall"]) == plain["joint_recall"]
+
+
+def test_stream_rerun_resumes_after_the_last_completed_day(tiny_raw: Path, tmp_path: Path) -> None:
+    data = tmp_path / "dataset"
+    convert.convert(tiny_raw, data, num_stages=2, progress=False)
+    days = list(dataset.load_meta(data).days)
+    args = (f"--days={days[1]}:{days[2]}", f"--data.path={data}", f"--run.dir={tmp_path / 'stream'}")
+    _run("lcron_dist.stream", *args)
+    checkpoints = tmp_path / "stream" / "lcron" / "checkpoints"
+    uninterrupted = (tmp_path / "stream" / "stream.csv").read_text()
+    # Stopped after the second training day (the job had tested days[1], not yet days[2]).
+    newest = max(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["progress"]["day"] == days[1] and manifest["progress"]["day_done"]
+    assert [row["day"] for row in manifest["progress"]["stream_rows"]] == [days[1]]
+    (tmp_path / "stream" / "stream.csv").unlink()
+    log = _run("lcron_dist.stream", *args)
+    assert f"resumed from {newest}" in log
+    assert (tmp_path / "stream" / "stream.csv").read_text() == uninterrupted
