@@ -108,6 +108,30 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.T
                                   **{k: torch.zeros_like(p, memory_format=torch.preserve_format) for k in keys}}
 
 
+def _set_hp_fragment(zero_optimizer, param: torch.Tensor, value: torch.Tensor, key: str | None) -> None:
+    """ZeRO 1-2: this rank's fragment of a parameter's fp32 master (key None) or optimizer state."""
+    if key is None:
+        safe_set_full_fp32_param(param, value)
+    else:
+        safe_set_full_optimizer_state(param, value, key)
+
+
+def _set_z3_partition(zero_optimizer, param: torch.Tensor, value: torch.Tensor, key: str | None) -> None:
+    """ZeRO-3: this rank's partition of a parameter's fp32 master or optimizer state.
+
+    DeepSpeed's own safe_set_full_* cuts the partition out of the unpadded value and fails on the last
+    rank of a parameter whose size the world size does not divide (a 1-element loss weight on 2 ranks);
+    the partition is cut here from the value padded with zeros, as ZeRO-3 pads it.
+    """
+    partition, _ = zero_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,  # noqa: SLF001
+                                                                 optim_state_key=key)
+    size = partition.numel()
+    start = size * zero_optimizer._get_param_partition_rank(param)  # noqa: SLF001
+    piece = value.flatten()[start:start + size]
+    partition.zero_()
+    partition[:piece.numel()].copy_(piece)
+
+
 @torch.no_grad()
 def load_dense_state(engine, weights: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
                      step: float) -> None:
@@ -130,6 +154,8 @@ def load_dense_state(engine, weights: dict[str, torch.Tensor], states: dict[str,
         if stage in (1, 2):
             _init_optimizer_state(optimizer, list(engine.optimizer.single_partition_of_fp32_groups), keys)
             engine.optimizer._lazy_init_hp_params_optimizer_state()  # noqa: SLF001 (links the state fragments)
+        else:
+            _init_optimizer_state(optimizer, list(engine.optimizer.fp32_partitioned_groups_flat), keys)
         if stage == 3:
             import deepspeed as ds
 
@@ -142,9 +168,10 @@ def load_dense_state(engine, weights: dict[str, torch.Tensor], states: dict[str,
             for name, param in named.items():
                 param.copy_(weights[name])
         for name, param in named.items():
-            safe_set_full_fp32_param(param, weights[name].to(param.device))
+            set_full = _set_z3_partition if stage == 3 else _set_hp_fragment
+            set_full(engine.optimizer, param, weights[name].to(param.device), None)
             for key, value in states.get(name, {}).items():
-                safe_set_full_optimizer_state(param, value.to(param.device), key)
+                set_full(engine.optimizer, param, value.to(param.device), key)
     for state in optimizer.state.values():
         if "step" in state:
             state["step"].fill_(step) if torch.is_tensor(state["step"]) else state.update(step=step)

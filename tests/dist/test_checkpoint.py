@@ -127,19 +127,20 @@ def jobs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     _run(two, data, 1, *two_args, "--data.batch_size=64")  # 2 -> 1 rank, same global batch
     out["two_to_one"] = _outcome(two)
 
-    # 1 rank x 64, the same tables with ZeRO-0; then continued on 2 ranks x 32.
+    # 1 rank x 64, the same tables with ZeRO-0; then continued on 2 ranks x 32 with ZeRO-3.
     one = root / "one"
     one_args = [*EVERY_3, *SHARDED, "--parallelism.zero_stage=0"]
     _run(one, data, 1, *one_args, "--data.batch_size=64")
     for step in (3, 4):
         shutil.copytree(one / "checkpoints" / f"step-{step}", root / "saved-by-one" / f"step-{step}")
     out["one"] = _rewind(one, 3)
-    _run(one, data, 2, *one_args, "--data.batch_size=32")  # 1 -> 2 ranks
+    zero3 = [a.replace("zero_stage=0", "zero_stage=3") for a in one_args]
+    _run(one, data, 2, *zero3, "--data.batch_size=32")  # 1 -> 2 ranks, ZeRO-0 -> ZeRO-3
     out["one_to_two"] = _outcome(one)
 
     # What a world size loads from a checkpoint of another world size, saved again to be gathered.
     for name, world, source, args in (("two-on-one", 1, root / "two-step-3", two_args),
-                                      ("one-on-two", 2, root / "saved-by-one" / "step-3", one_args)):
+                                      ("one-on-two", 2, root / "saved-by-one" / "step-3", zero3)):
         if name == "two-on-one":
             shutil.copytree(two / "checkpoints" / "step-3", source)
         mp.start_processes(_reload_and_save, args=(world, free_port(), str(data), str(source), str(root / name),

@@ -45,6 +45,15 @@ def test_stream_tests_every_day_after_training_on_the_days_before(tiny_raw: Path
     last = next(r for r in rows if r["method"] == "lcron" and r["day"] == days[2])
     assert float(last["joint_recall"]) == plain["joint_recall"]
 
+    # So is the daily warm start: yesterday's finished run, then one more day from its checkpoint.
+    _run("lcron_dist.train", f"--data.path={data}", f"--run.dir={tmp_path / 'day0'}", f"--data.train_days={days[0]}",
+         f"--data.test_day={days[2]}")
+    _run("lcron_dist.train", f"--data.path={data}", f"--run.dir={tmp_path / 'day1'}", f"--data.train_days={days[1]}",
+         f"--checkpoint.resume={tmp_path / 'day0' / 'checkpoints'}")
+    warm = json.loads((tmp_path / "day1" / "results.json").read_text())
+    assert warm["joint_recall"] == plain["joint_recall"] and warm["stages"] == plain["stages"]
+    assert warm["train_days"] == [days[1]] and warm["train_requests"] == meta.days[days[1]]
+
 
 def test_stream_rerun_resumes_after_the_last_completed_day(tiny_raw: Path, tmp_path: Path) -> None:
     data = tmp_path / "dataset"

@@ -199,6 +199,9 @@ def test_to_dict_round_trip() -> None:
         (["--data.train_days=2024-13-01"], "data.train_days"),
         (["--data.train_days=2024-02-03:2024-01-13"], "data.train_days"),
         (["--data.test_day=yesterday"], "data.test_day"),
+        (["--checkpoint.keep=1"], "checkpoint.keep"),
+        (["--checkpoint.every_steps=-5"], "checkpoint.every_steps"),
+        (["--checkpoint.resume="], "checkpoint.resume"),
     ],
 )
 def test_bad_override_names_field(overrides: list[str], field: str) -> None:

@@ -113,3 +113,29 @@ def test_id_features_feed_a_torchrec_collection_with_shared_tables(tiny_dataset:
     user = pooled["province"].view(b, m, dim)
     assert torch.equal(user[:, 0], weights["t_province"][batch.user[schema.USER_FEATURES.index("province")]])
     assert not user[:, 1:].any()
+
+
+def test_resuming_a_day_skips_the_trained_global_batches(tiny_dataset: Path) -> None:
+    """iter_day(start=k) gives batches k.. of the day, whether the day was prefetched or not, and
+    global_batch_sizes is what the ranks' batches add up to."""
+    day = dataset.load_meta(tiny_dataset).day_list[0]
+    ranks = [LocalReader(tiny_dataset, batch_size=16, rank=r, world_size=2, seed=4) for r in range(2)]
+    full = [[b.request_id.tolist() for b in reader.iter_day(day, shuffle=True)] for reader in ranks]
+    assert [len(a) + len(b) for a, b in zip(*full)] == ranks[0].global_batch_sizes(day)
+    ranks[1].prefetch(day, shuffle=True)
+    for reader, batches in zip(ranks, full):
+        assert [b.request_id.tolist() for b in reader.iter_day(day, shuffle=True, start=3)] == batches[3:]
+
+
+def test_progress_cursor_skips_what_was_trained() -> None:
+    from lcron_dist.components.progress import TrainProgress
+
+    days = [dt.date(2024, 2, d) for d in (1, 2, 3)]
+    progress = TrainProgress()
+    assert [progress.start_batch(d) for d in days] == [0, 0, 0]
+    for last in (False, False, True):
+        progress.advance(days[0], 64, last)
+    progress.advance(days[1], 64, False)
+    assert (progress.step, progress.requests, progress.batches) == (4, 256, 1)
+    assert [progress.start_batch(d) for d in days] == [None, 1, 0]
+    assert TrainProgress.from_dict(progress.to_dict()) == progress
