@@ -22,7 +22,13 @@ import torch.distributed as dist
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from lcron_dist.components.checkpoint import Checkpointer, CheckpointCallback, CheckpointError, first_mismatch
+from lcron_dist.components.checkpoint import (
+    CheckpointCallback,
+    CheckpointError,
+    Checkpointer,
+    config_changes,
+    first_mismatch,
+)
 from lcron_dist.components.logging import MetricsSink, build_logger
 from lcron_dist.components.profiling import (
     PhaseTimer,
@@ -246,6 +252,9 @@ class Trainer:
         # fbgemm's fused optimizers count steps outside their state dict (Adam's bias correction uses it).
         self.sparse_optimizer.set_optimizer_step(saved.step)
         self.progress = saved if same_run else TrainProgress(step=saved.step)
+        changes = config_changes(manifest["config"], to_dict(self.config))
+        if changes and self.dist.is_main:
+            self.log.warning("settings differ from checkpoint %s: %s", path.name, "; ".join(changes))
         self.log.info("%s from %s (step %d, %s) in %.2f s", "resumed" if same_run else "warm start",
                       path, saved.step, f"{saved.day}: {saved.batches} global batches"
                       + (" (day done)" if saved.day_done else "") if saved.day else "before any step",

@@ -98,6 +98,14 @@ def first_mismatch(saved: Any, current: Any, where: str) -> str | None:
     return None
 
 
+def config_changes(saved: dict[str, dict], current: dict[str, dict],
+                   ignore: tuple[str, ...] = ("run", "checkpoint", "profiling", "ray")) -> list[str]:
+    """'section.field: old -> new' for each setting a resumed run changes (sections in `ignore` aside)."""
+    return [f"{section}.{name}: {saved[section].get(name)!r} -> {value!r}"
+            for section, fields in current.items() if section not in ignore and section in saved
+            for name, value in fields.items() if saved[section].get(name) != value]
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
