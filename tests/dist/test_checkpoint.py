@@ -9,6 +9,7 @@ stopped there; the re-launch then resumes from step 3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,15 +40,26 @@ def _launch(run_dir: Path, data: Path, nproc: int, *overrides: str, **env: str) 
     environ.update(CONFIG="configs/tiny-2stage.toml", PYTHON=sys.executable, NPROC_PER_NODE=str(nproc),
                    MASTER_PORT=str(free_port()), **env)
     cmd = ["bash", "launch/run_train.sh", f"--data.path={data}", f"--run.dir={run_dir}", *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children(pid)
+    return children + [d for c in children for d in _descendants(c)]
 
 
 def _finish(proc: subprocess.Popen) -> str:
     try:
         out, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun's workers leave its process group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"launch hung for {TIMEOUT_S} s:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]
@@ -182,11 +194,6 @@ def test_another_world_size_continues_the_run(jobs: dict, case: str, reference: 
 # ---- a rank killed under torchrun --------------------------------------------------------------
 
 KILL_ARGS = [*LOGGED, "--checkpoint.every_steps=4", "--data.batch_size=8"]  # 13 global batches a day
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 def _last_step(run_dir: Path) -> int:
