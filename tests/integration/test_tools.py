@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from lcron_dist.components.profiling import PHASES
+from lcron_dist.config import load_config
 from lcron_dist.data import convert
+from lcron_dist.losses import build_loss
+from lcron_dist.models import Cascade
+from lcron_dist.plan import recflow_vocab_sizes
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _tool(tmp_path: Path, tiny_raw: Path | None, *args: str) -> None:
-    """Run a tool script (on a converted tiny twin when `tiny_raw` is given) and require success."""
+def _tool(tmp_path: Path, tiny_raw: Path | None, *args: str) -> str:
+    """Run a tool script (on a converted tiny twin when `tiny_raw` is given), require success, return its stdout."""
     extra = []
     if tiny_raw is not None:
         data = tmp_path / "dataset"
@@ -24,6 +30,7 @@ def _tool(tmp_path: Path, tiny_raw: Path | None, *args: str) -> None:
     proc = subprocess.run([sys.executable, *args, *extra], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def test_profile_throughput_writes_its_phase_table(tiny_raw: Path, tmp_path: Path) -> None:
@@ -56,3 +63,48 @@ def test_profile_memory_writes_table_and_plot(tiny_raw: Path, tmp_path: Path) ->
     table = (tmp_path / "out" / "memory.md").read_text()
     assert "| 16 | 40 |" in table and "| 16 | 80 |" in table
     assert (tmp_path / "out" / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lcron_plan_states_checkpoint_bytes_per_rank(tmp_path: Path) -> None:
+    # Table-wise tables (each whole on one rank) with row-wise Adagrad: fp32 rows × dim plus one float per
+    # row; the author_id tables are replicated, so they count once, with the dense weights and 2 Adam moments.
+    overrides = ["--parallelism.sharding=table_wise", "--parallelism.table_sharding.author_id=data_parallel",
+                 "--parallelism.table_optimizer=rowwise_adagrad"]
+    out = _tool(tmp_path, None, "-m", "lcron_dist.plan", "--config", "configs/recflow-2stage.toml", "--world-size",
+                "2", "--hbm-gb", "80", *overrides)
+    expected, once = {0: 0, 1: 0}, 0
+    table_row = r"^\| (\w+__\w+) \| ([\d,]+) × (\d+) \| (\w+) \| \w+ \| ([\d.,]+) \|"
+    for name, rows, dim, sharding, ranks in re.findall(table_row, out, re.MULTILINE):
+        size = int(rows.replace(",", "")) * (int(dim) * 4 + 4)
+        if sharding == "data_parallel":
+            once += size
+        else:
+            assert sharding == "table_wise" and "," not in ranks and ".." not in ranks, name
+            expected[int(ranks)] += size
+    config = load_config("configs/recflow-2stage.toml", overrides)
+    model = Cascade(config.model, recflow_vocab_sizes(42_472), build_loss("lcron", num_stages=2), device="meta")
+    once += 3 * 4 * sum(p.numel() for p in model.dense.parameters())
+    assert once > 2 * 33_474_012 * 36  # both author_id tables
+
+    section = out.split("checkpoint MiB (own table shards + optimizer state)")[1]
+    rank_rows = re.findall(r"^\| (\d+) \| ([\d.,]+) \|$", section, re.MULTILINE)
+    printed = {int(rank): float(mib.replace(",", "")) for rank, mib in rank_rows}
+    assert printed.keys() == expected.keys() and max(expected.values()) > 2**30
+    for rank, size in expected.items():
+        assert abs(printed[rank] - size / 2**20) <= 0.05, (rank, printed[rank], size / 2**20)
+    written_once, total = (float(x.replace(",", "")) for x in re.findall(r"([\d.,]+) MiB", section.splitlines()[-1]))
+    assert abs(written_once - once / 2**20) <= 0.05
+    assert abs(total - (once + sum(expected.values())) / 2**20) <= 0.05
+
+
+def test_bench_checkpoint_times_saves_and_loads_and_sizes_each_rank(tiny_raw: Path, tmp_path: Path) -> None:
+    out = _tool(tmp_path, tiny_raw, "tools/bench_checkpoint.py", "--config", "configs/tiny-2stage.toml",
+                "--nprocs", "1", "--steps", "4", "--every-steps", "2", "--repeats", "1", "--warmup", "1",
+                "--out", str(tmp_path / "out"))
+    assert "| 1 | 0 |" in out and "time in saves / wall" in out
+    run = json.loads((tmp_path / "out" / "checkpoint.json").read_text())["runs"][0]
+    (rank,) = run["ranks"]
+    cost = run["cost"][0]
+    assert cost["saves"] == cost["steps"] // 2 >= 2 and 0 < cost["save_share"] < 1
+    assert rank["save_s"] > 0 and rank["load_s"] > 0
+    assert rank["shard_bytes"] > 1_000_000 and rank["shard_bytes"] + run["shared_bytes"] == run["total_bytes"]
