@@ -166,12 +166,15 @@ class Trainer:
         """The DCP state dict of the run: tables and their optimizer, dense weights and optimizer state.
 
         Args:
-            dense_state: for a load, {name: {key: shape}} of the checkpoint's dense optimizer state
-                (templates are allocated for it); None for a save (the live state is gathered).
+            dense_state: for a load, {name: {key: shape}} of the checkpoint's dense optimizer state:
+                the dense part is then empty templates of the model's and the checkpoint's shapes; None
+                for a save (the live dense state is gathered).
         """
         tables = {k: v for k, v in self.model.state_dict().items() if not k.startswith("dense.")}
-        weights, states = gather_dense_state(self.engine)
-        if dense_state is not None:
+        if dense_state is None:
+            weights, states = gather_dense_state(self.engine)
+        else:
+            weights = {name: torch.empty(shape) for name, shape in self.signature["dense"].items()}
             states = {name: {key: torch.empty(shape) for key, shape in keys.items()} for name, keys in dense_state.items()}
         return {"tables": tables, "table_optimizer": self.sparse_optimizer.state_dict(), "dense": weights,
                 "dense_optimizer": states}
@@ -203,7 +206,6 @@ class Trainer:
         mismatch = first_mismatch(manifest["model"], self.signature, "model")
         if mismatch:
             raise CheckpointError(f"checkpoint {path} is of another model: {mismatch}")
-        init_table_optimizer_state(self.sparse_optimizer)
         now_sharding = sharding_types(self.model)
         now_layout = table_state_layout(self.sparse_optimizer.state_dict(), list(self.signature["tables"]))
         then_sharding, then_layout = manifest["plan"]["sharding"], manifest["plan"]["table_state"]
@@ -232,6 +234,7 @@ class Trainer:
         if found is None:
             return False
         path, manifest = found
+        init_table_optimizer_state(self.sparse_optimizer)  # to compare its layout, then to load into
         self._check_compatible(path, manifest)
         saved = TrainProgress.from_dict(manifest["progress"])
         same_run = Path(manifest["run_dir"]) == self.run_dir.resolve()

@@ -64,10 +64,6 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
-def _zero_partitioned(engine) -> bool:
-    return engine.zero_optimization_stage() > 0
-
-
 def dense_optimizer_step(engine) -> float:
     """The dense optimizer's step count (every state entry holds the same one; 0 before the first step)."""
     steps = {float(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s}
@@ -88,7 +84,7 @@ def gather_dense_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict[
     optimizer = _base_optimizer(engine)
     keys = sorted({k for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
     for name, param in engine.module.named_parameters():
-        if _zero_partitioned(engine):
+        if engine.zero_optimization_stage() > 0:
             weights[name] = safe_get_full_fp32_param(param).detach().clone().cpu()
             if keys:
                 states[name] = {k: safe_get_full_optimizer_state(param, k).detach().clone().cpu() for k in keys}
@@ -144,34 +140,34 @@ def load_dense_state(engine, weights: dict[str, torch.Tensor], states: dict[str,
     keys = sorted({k for s in states.values() for k in s})
     named = dict(engine.module.named_parameters())
     stage = engine.zero_optimization_stage()
+    # The optimizer creates its state lazily at the first step: create it to load into.
     if stage == 0:
         _init_optimizer_state(optimizer, [named[n] for n in states], keys)
-        for name, param in named.items():
-            param.copy_(weights[name])
-            for key, value in states.get(name, {}).items():
-                optimizer.state[param][key].copy_(value)
+    elif stage in (1, 2):
+        _init_optimizer_state(optimizer, list(engine.optimizer.single_partition_of_fp32_groups), keys)
+        engine.optimizer._lazy_init_hp_params_optimizer_state()  # noqa: SLF001 (links the state fragments)
     else:
-        if stage in (1, 2):
-            _init_optimizer_state(optimizer, list(engine.optimizer.single_partition_of_fp32_groups), keys)
-            engine.optimizer._lazy_init_hp_params_optimizer_state()  # noqa: SLF001 (links the state fragments)
-        else:
-            _init_optimizer_state(optimizer, list(engine.optimizer.fp32_partitioned_groups_flat), keys)
-        if stage == 3:
-            import deepspeed as ds
+        _init_optimizer_state(optimizer, list(engine.optimizer.fp32_partitioned_groups_flat), keys)
 
-            # The bit16 partitions: gather, set the full values, re-partition.
-            with ds.zero.GatheredParameters(list(named.values()), modifier_rank=0):
-                if engine.global_rank == 0:
-                    for name, param in named.items():
-                        param.copy_(weights[name])
-        else:
+    # The module's weights (under ZeRO-3 partitioned: gathered, set on rank 0, partitioned again).
+    with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0, enabled=stage == 3):
+        if stage < 3 or engine.global_rank == 0:
             for name, param in named.items():
                 param.copy_(weights[name])
+
+    # The fp32 masters and optimizer state: the tensors themselves (ZeRO-0) or this rank's part of them.
+    if stage == 0:
+        for name, value in states.items():
+            for key, tensor in value.items():
+                optimizer.state[named[name]][key].copy_(tensor)
+    else:
+        set_part = _set_z3_partition if stage == 3 else _set_hp_fragment
         for name, param in named.items():
-            set_full = _set_z3_partition if stage == 3 else _set_hp_fragment
-            set_full(engine.optimizer, param, weights[name].to(param.device), None)
+            set_part(engine.optimizer, param, weights[name].to(param.device), None)
             for key, value in states.get(name, {}).items():
-                set_full(engine.optimizer, param, value.to(param.device), key)
+                set_part(engine.optimizer, param, value.to(param.device), key)
     for state in optimizer.state.values():
-        if "step" in state:
-            state["step"].fill_(step) if torch.is_tensor(state["step"]) else state.update(step=step)
+        if torch.is_tensor(state.get("step")):
+            state["step"].fill_(step)
+        elif "step" in state:
+            state["step"] = step
