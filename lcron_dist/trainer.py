@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from lcron_dist.components.allocator import keep_freed_memory
 from lcron_dist.components.checkpoint import (
     CheckpointCallback,
     CheckpointError,
@@ -109,6 +110,8 @@ class Trainer:
         self.log = build_logger(self.dist.rank)
         self.log.info("rank %d of %d (local rank %d) on %s, backend %s", self.dist.rank, self.dist.world_size,
                       self.dist.local_rank, self.device, self.dist.backend)
+        if self.device.type == "cpu":
+            keep_freed_memory(self.log)
         self.run_dir = Path(config.run.dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

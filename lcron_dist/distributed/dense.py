@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lcron_dist.config.job_config import JobConfig
+from lcron_dist.distributed.sharding import fused_if_available
 
 # DeepSpeed picks its accelerator at import time.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -51,7 +52,8 @@ def deepspeed_config(config: JobConfig, world_size: int, device: torch.device) -
 def build_dense_engine(dense: nn.Module, config: JobConfig, world_size: int, device: torch.device):
     """Wrap the dense module in a DeepSpeed engine with a torch Adam/AdamW client optimizer."""
     optim_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
-    optimizer = optim_cls(dense.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    optimizer = fused_if_available(optim_cls, dense.parameters(), lr=config.optim.lr,
+                                   weight_decay=config.optim.weight_decay)
     engine, *_ = deepspeed.initialize(model=dense, optimizer=optimizer,
                                       config=deepspeed_config(config, world_size, device))
     return engine

@@ -1,4 +1,5 @@
-"""The towers: DIN's split attention equals the concatenated form; DSSM/MLP compute what they claim."""
+"""The towers: DIN's split attention and head equal the concatenated form; DSSM/MLP compute what they claim;
+the embedding slot split equals the per-feature layout."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from lcron_dist.losses import build_loss
 from lcron_dist.models import Cascade
 from lcron_dist.models.din import DIN
 from lcron_dist.models.dssm import DSSM
-from lcron_dist.models.embeddings import StageInputs
+from lcron_dist.data.batch import Batch
+from lcron_dist.models.embeddings import SLOT_GROUPS, StageEmbeddings, StageInputs
 
 
 def _inputs(b: int = 3, n: int = 7, length: int = 6, d: int = 4, seed: int = 0) -> StageInputs:
@@ -110,3 +112,73 @@ def test_cascade_scores_every_candidate_once_per_stage(stages: int, tiny_raw: Pa
     assert {n.split(".")[1] for n in sparse} == set(schema.STAGE_NAMES[stages]), "each stage has its own tables"
     for name, p in model.named_parameters():  # one backward reaches every table, tower and loss weight
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _random_batch(b: int, n: int, length: int, vocab: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(*shape: int) -> torch.Tensor:
+        return torch.randint(1, vocab, shape, generator=g)
+
+    history = ids(len(schema.HISTORY_FEATURES), b, length)
+    history[:, 0] = 0  # request 0 without history
+    mask = torch.ones(b, n, dtype=torch.bool)
+    return Batch(request_id=torch.arange(b), user=ids(len(schema.USER_FEATURES), b),
+                 item=ids(len(schema.ITEM_FEATURES), b, n), history=history,
+                 hist_len=(history[0] > 0).sum(-1), label=torch.zeros(b, n, dtype=torch.long), mask=mask,
+                 target=torch.zeros(b, n, dtype=torch.bool))
+
+
+def _embed_per_feature(module: StageEmbeddings, batch: Batch) -> StageInputs:
+    """The slot layout read feature by feature: slice each feature's [B, M, D] view, concatenate."""
+    pooled = module.ebc(batch.id_features()).to_dict()
+    slots = batch.num_slots
+
+    def group(names: tuple[str, ...], used: int) -> torch.Tensor:
+        return torch.cat([pooled[name].view(-1, slots, module.dim)[:, :used] for name in names], dim=-1)
+
+    return StageInputs(user=group(SLOT_GROUPS[0], 1).squeeze(1), item=group(SLOT_GROUPS[1], batch.item.shape[-1]),
+                       history=group(SLOT_GROUPS[2], batch.history.shape[-1]), history_mask=batch.history[0] > 0)
+
+
+@pytest.mark.parametrize("n, length", [(7, 5), (4, 9)])
+def test_slot_split_equals_the_per_feature_layout(n: int, length: int) -> None:
+    vocab = 30
+    torch.manual_seed(4)
+    module = StageEmbeddings("ranking", {kind: vocab for kind in {*schema.USER_FEATURES, *schema.ITEM_FEATURES}}, 3,
+                             device="cpu")
+    batch = _random_batch(5, n, length, vocab, seed=4)
+    weights = [torch.randn(5, n, 8 * 3), torch.randn(5, length, 5 * 3), torch.randn(5, 8 * 3)]
+    grads = []
+    for form in (module, lambda b: _embed_per_feature(module, b)):
+        module.zero_grad()
+        x = form(batch.id_features(), batch) if form is module else form(batch)
+        (x.item * weights[0]).sum().backward(retain_graph=True)
+        (x.history * weights[1]).sum().add((x.user * weights[2]).sum()).backward()
+        grads.append(({name: p.grad.clone() for name, p in module.named_parameters()}, x))
+    (new_grads, new), (old_grads, old) = grads
+    for field in ("user", "item", "history", "history_mask"):
+        assert torch.equal(getattr(new, field), getattr(old, field)), field
+    assert new_grads.keys() == old_grads.keys() and len(new_grads) == 16
+    for name in new_grads:
+        assert new_grads[name].abs().sum() > 0, name
+        torch.testing.assert_close(new_grads[name], old_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_din_compiled_equals_eager() -> None:
+    torch.manual_seed(5)
+    eager = _din()
+    compiled = DIN(eager.user_dim, eager.history_dim, len(schema.ITEM_FEATURES) * 4, attention_hidden=6, hidden=[8, 4],
+                   compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    x = _inputs(b=5, n=6, length=7, seed=5)
+    results = []
+    for model in (eager, compiled):
+        scores = model(x)
+        scores.square().sum().backward()
+        results.append((scores.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (scores, grads), (compiled_scores, compiled_grads) = results
+    torch.testing.assert_close(compiled_scores, scores, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():  # the softmax ignores a shift of its logits: no gradient for their bias
+        assert name == "attention_out.bias" or grad.abs().sum() > 0, name
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
