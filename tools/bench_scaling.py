@@ -6,7 +6,10 @@ of the collective ops the profiler records (gloo/NCCL all-reduce, all-to-all, re
 all-gather, broadcast, and their waits); the share is that over the step time. Prints a markdown table.
 
     python tools/bench_scaling.py --configs configs/tiny-2stage.toml configs/small-2stage.toml --nprocs 1 2 \\
-        [--steps 8] [-- --data.path=... overrides]
+        [--steps 8] [--threads T] [-- --data.path=... overrides]
+
+With --threads 1, "2 x 1 vs 1 x 1" is the speedup from a second process alone (the default gives each
+process cores / processes threads, so 1 process uses every core).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
     parser.add_argument("--config", help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--report", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
@@ -92,7 +96,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 report = Path(tmp) / "report.json"
                 env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-                env["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // nprocs))
+                env["OMP_NUM_THREADS"] = str(args.threads or max(1, os.cpu_count() // nprocs))
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
                        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                        str(Path(__file__).resolve()), "--config", config, "--report", str(report),
@@ -106,15 +110,19 @@ def main() -> None:
             rows.append((config, nprocs, ranks, total))
             print(f"  {config} × {nprocs}: {total:,.0f} requests/s", flush=True)
 
+    threads = f"{args.threads}" if args.threads else "cores / processes"
     print(f"\nmachine: {os.cpu_count()} cores; {args.steps} timed steps after {args.warmup} warm-up; "
-          f"OMP threads per rank = cores / processes\n")
-    print("| config | processes | requests/s (all ranks) | step ms (per rank) | peak RSS MiB (per rank) | communication share (per rank) |")
-    print("|---|---|---|---|---|---|")
+          f"torch threads per rank: {threads}\n")
+    print("| config | processes x threads | requests/s (all ranks) | vs 1 process | step ms (per rank) | "
+          "peak RSS MiB (per rank) | communication share (per rank) |")
+    print("|---|---|---|---|---|---|---|")
+    single = {config: total for config, nprocs, _, total in rows if nprocs == 1}
     for config, nprocs, ranks, total in rows:
         def each(key: str, fmt: str) -> str:
             return " / ".join(format(r[key], fmt) for r in ranks)
-        print(f"| {Path(config).stem} | {nprocs} | {total:,.0f} | {each('step_ms', '.0f')} | "
-              f"{each('peak_rss_mib', ',.0f')} | {each('comm_share', '.0%')} |")
+        speedup = f"{total / single[config]:.2f}x" if config in single else "-"
+        print(f"| {Path(config).stem} | {nprocs} x {ranks[0]['threads']} | {total:,.0f} | {speedup} | "
+              f"{each('step_ms', '.0f')} | {each('peak_rss_mib', ',.0f')} | {each('comm_share', '.0%')} |")
 
 
 if __name__ == "__main__":

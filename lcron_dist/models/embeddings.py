@@ -114,9 +114,9 @@ class SlotSplit(torch.autograd.Function):
         ctx.shape, ctx.used = grid.shape, (1, n, length)
         ctx.save_for_backward(user_features, item_features, history_features)
         b = grid.shape[0]
-        return (grid[:, 0].index_select(1, user_features).view(b, -1),
-                grid[:, :n].index_select(2, item_features).view(b, n, -1),
-                grid[:, :length].index_select(2, history_features).view(b, length, -1))
+        # Advanced indexing copies the D-wide blocks about twice as fast as index_select here.
+        return (grid[:, 0][:, user_features].view(b, -1), grid[:, :n][:, :, item_features].view(b, n, -1),
+                grid[:, :length][:, :, history_features].view(b, length, -1))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):

@@ -40,6 +40,25 @@ def test_profile_throughput_writes_its_phase_table(tiny_raw: Path, tmp_path: Pat
     for phase in (*PHASES, "step", "batch of 256"):
         assert f"| {phase} |" in table
     assert "training: " in table and "evaluation: " in table and "requests/s" in table
+    summary = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    assert summary["step_gflop"] > 0 and 0 < summary["achieved_share_of_peak"] < 1
+    assert summary["matmul_gflop_per_s"]["4096 x 4096 x 4096"] > 0
+    names = [op["name"] for op in summary["top_operators"]]
+    assert "aten::mm" in names or "aten::addmm" in names, names
+    assert "## Roofline" in table and "| top operators" in table
+
+
+def test_bench_train_compares_a_reference_commit_with_the_tree(tiny_raw: Path, tmp_path: Path) -> None:
+    data = tmp_path / "dataset"
+    convert.convert(tiny_raw, data, num_stages=2, progress=False)
+    out = _tool(tmp_path, None, "tools/bench_train.py", "--ref", "HEAD", "--config", "configs/tiny-2stage.toml",
+                "--data", str(data), "--repeats", "1", "--steps", "2", "--out", str(tmp_path / "out"))
+    table = (tmp_path / "out" / "bench_train.md").read_text()
+    assert "| lcron-train end to end, requests/s |" in table and "| evaluation (profile_throughput), requests/s |" in table
+    runs = json.loads((tmp_path / "out" / "bench_train.json").read_text())["runs"]
+    assert len(runs["ref"]) == len(runs["ours"]) == 1
+    assert runs["ref"][0]["joint_recall"] > 0 and runs["ours"][0]["train_requests_per_s"] > 0
+    assert "ours #1" in out
 
 
 def test_profile_loss_scaling_writes_table_and_plot(tmp_path: Path) -> None:
