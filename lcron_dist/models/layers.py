@@ -9,15 +9,14 @@ def build_mlp(in_dim: int, sizes: list[int], out_dim: int | None = None) -> nn.S
     """Linear + ReLU for each hidden size, then an optional linear output layer (no activation).
 
     Without `out_dim` the last hidden layer is the output and carries no activation, so a tower's
-    embedding (DSSM) is not clipped at zero. Each ReLU works in place on its Linear's fresh output
-    (which the Linear's backward does not need), saving an activation-sized allocation and copy.
+    embedding (DSSM) is not clipped at zero.
     """
     layers: list[nn.Module] = []
     dims = [in_dim, *sizes]
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(a, b))
         if out_dim is not None or i < len(sizes) - 1:
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(nn.ReLU())
     if out_dim is not None:
         layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)
