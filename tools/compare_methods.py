@@ -41,12 +41,15 @@ def run_one(config: str, method: str, seed: int, run_dir: Path, overrides: list[
 
 
 def _cell(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
+    """Mean ± sample standard deviation; a single run has no spread, so only its value."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def table(results: dict[str, list[dict]], num_stages: int) -> str:
-    """Markdown: joint recall and every stage's Recall@10@m and NDCG@10, mean ± std over seeds."""
+    """Markdown: joint recall and every stage's Recall@10@m and NDCG@10, mean ± std over seeds (the value
+    alone for one seed)."""
     stages = schema.STAGE_NAMES[num_stages]
     quotas = schema.SERVING_QUOTAS[num_stages]
     header = ["method", "joint Recall@10@20"]

@@ -9,6 +9,7 @@ Combinations a device cannot run are refused at start-up, naming the table and w
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import zlib
 from collections import defaultdict
@@ -47,6 +48,8 @@ TORCH_OPTIMIZERS = {
 }
 """Optimizers of data-parallel tables, whose parameters TorchRec leaves unfused."""
 
+log = logging.getLogger("lcron_dist")
+
 
 def fused_if_available(optim_cls: type[torch.optim.Optimizer], params, **kwargs) -> torch.optim.Optimizer:
     """optim_cls(params, **kwargs), with torch's fused implementation where the class has one.
@@ -82,14 +85,28 @@ def table_names(model: nn.Module) -> list[str]:
             for t in module.embedding_bag_configs()]
 
 
-def table_shardings(config: JobConfig, tables: list[str]) -> dict[str, str]:
-    """Sharding per table: a per-table override, else a per-kind override, else the default."""
+def table_shardings(config: JobConfig, tables: list[str], device: torch.device) -> dict[str, str]:
+    """Sharding per table: a per-table override, else a per-kind override, else the default.
+
+    "auto" means the best plan `device` can run with the configured table optimizer: the planner's
+    choice, except on CPU with an optimizer fbgemm has no fused CPU kernel for (Adam), where only
+    data-parallel tables (replicated, stepped by torch's optimizer) can train: those are taken, and
+    logged with the reason.
+    """
     overrides = config.parallelism.table_sharding
     unknown = [k for k in overrides if k not in tables and not any(t.endswith(f"__{k}") for t in tables)]
     if unknown:
         raise ValueError(f"parallelism.table_sharding names unknown table or kind {unknown[0]!r}; tables: "
                          f"{', '.join(tables)}")
-    return {t: overrides.get(t, overrides.get(t.split("__", 1)[-1], config.parallelism.sharding)) for t in tables}
+    shardings = {t: overrides.get(t, overrides.get(t.split("__", 1)[-1], config.parallelism.sharding)) for t in tables}
+    optimizer = config.parallelism.table_optimizer
+    auto = [t for t, sharding in shardings.items() if sharding == "auto"]
+    if auto and device.type == "cpu" and optimizer not in CPU_FUSED_OPTIMIZERS:
+        log.info("sharding 'auto' on CPU with table_optimizer=%s: data_parallel for %d tables (fbgemm has no "
+                 "fused %s on CPU; torch's %s steps the replicated tables; on CUDA the planner chooses)",
+                 optimizer, len(auto), optimizer, optimizer)
+        shardings.update({t: ShardingType.DATA_PARALLEL.value for t in auto})
+    return shardings
 
 
 def check_device_support(shardings: dict[str, str], config: JobConfig, device: torch.device) -> None:
@@ -137,7 +154,7 @@ def build_planner(model: nn.Module, config: JobConfig, device_type: str, world_s
         slots_per_request: KeyedJaggedTensor bags per request (Batch.num_slots), so the planner's
             batch size is the KJT stride it will actually see.
     """
-    shardings = table_shardings(config, table_names(model))
+    shardings = table_shardings(config, table_names(model), torch.device(device_type))
     check_device_support(shardings, config, torch.device(device_type))
     # TorchRec's storage estimator sizes optimizer state from this attribute of each table weight.
     optim_cls = TORCH_OPTIMIZERS[config.parallelism.table_optimizer]
