@@ -9,6 +9,7 @@ seed), then the test day; checkpoints are saved every `checkpoint.every_steps` a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import platform
 import random
@@ -129,7 +130,6 @@ class Trainer:
         if meta.num_stages != config.model.num_stages:
             raise ValueError(f"model.num_stages is {config.model.num_stages} but dataset {config.data.path} "
                              f"was converted for {meta.num_stages} stages")
-        self.train_days, self.test_day = resolve_days(config, meta.day_list)
 
         loss = build_loss(config.loss.name, num_stages=config.model.num_stages, **config.loss.options)
         model = Cascade(config.model, meta.vocab_sizes, loss, device="meta")
@@ -162,6 +162,16 @@ class Trainer:
         # A resumed run keeps the metrics rows up to its checkpoint; those after it are trained again.
         self.sink = MetricsSink(self.run_dir, self.dist.is_main, config.run.tensorboard,
                                 keep_until=self.progress.step if resumed else None)
+
+    @functools.cached_property
+    def train_days(self) -> list[dt.date]:
+        """data.train_days resolved against the dataset (checked on first use: lcron-stream does not use them)."""
+        return resolve_days(self.config, self.reader.meta.day_list)[0]
+
+    @functools.cached_property
+    def test_day(self) -> dt.date:
+        """data.test_day resolved against the dataset."""
+        return resolve_days(self.config, self.reader.meta.day_list)[1]
 
     # ---- checkpoints --------------------------------------------------------------------------
 
