@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements/cpu.lock.txt
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
+TINY_DIR ?= data/tiny
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test clean-demo
@@ -21,10 +22,15 @@ $(STAMP): $(LOCK) pyproject.toml
 	@touch $(STAMP)
 
 # The main job: synthetic RecFlow twin -> Parquet day shards -> validate -> train LCRON and BCE on
-# small-2stage -> a table of both results.
+# small-2stage -> a table of both results. It also writes every dataset the configs name (the 3-stage
+# conversion of the same twin, and the tiny twin of configs/tiny-*.toml), so each README command runs.
 demo: venv
 	$(VENV)/bin/lcron-data synth --preset small --out $(DEMO_DIR)/raw
 	$(VENV)/bin/lcron-data convert --src $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset-2stage --stages 2 --workers 2
+	$(VENV)/bin/lcron-data convert --src $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset-3stage --stages 3 --workers 2
+	$(VENV)/bin/lcron-data synth --preset tiny --out $(TINY_DIR)/raw
+	$(VENV)/bin/lcron-data convert --src $(TINY_DIR)/raw --out $(TINY_DIR)/dataset-2stage --stages 2
+	$(VENV)/bin/lcron-data convert --src $(TINY_DIR)/raw --out $(TINY_DIR)/dataset-3stage --stages 3
 	$(VENV)/bin/lcron-data --quiet validate $(DEMO_DIR)/dataset-2stage
 	$(VENV)/bin/lcron-data summary $(DEMO_DIR)/dataset-2stage
 	rm -rf runs/demo
@@ -35,4 +41,4 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) $(TINY_DIR)

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from lcron_dist.distributed.process_group import free_port
+from lcron_dist.distributed.process_group import RendezvousStore
 
 MIB = 2**20
 
@@ -158,8 +158,9 @@ def main() -> None:
         report = work / "report.json"
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // nprocs))
+        rendezvous = RendezvousStore()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous.port}",
                str(Path(__file__).resolve()), "--config", args.config, "--work", str(work), "--report", str(report),
                "--steps", str(args.steps), "--every-steps", str(args.every_steps), "--repeats", str(args.repeats),
                "--warmup", str(args.warmup), *overrides]

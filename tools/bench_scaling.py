@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lcron_dist.distributed.process_group import free_port
+from lcron_dist.distributed.process_group import RendezvousStore
 
 COMM = re.compile(r"all_?reduce|all_?to_?all|reduce_?scatter|all_?gather|broadcast|c10d|gloo|nccl|record_param_comms|"
                   r"wait_tensor|_wait", re.IGNORECASE)
@@ -97,8 +97,9 @@ def main() -> None:
                 report = Path(tmp) / "report.json"
                 env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
                 env["OMP_NUM_THREADS"] = str(args.threads or max(1, os.cpu_count() // nprocs))
+                rendezvous = RendezvousStore()
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
-                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous.port}",
                        str(Path(__file__).resolve()), "--config", config, "--report", str(report),
                        "--steps", str(args.steps), "--warmup", str(args.warmup),
                        f"--run.dir={tmp}/run", *overrides]

@@ -112,11 +112,28 @@ def write_meta(root: Path, meta: DatasetMeta) -> None:
     os.replace(tmp, path)
 
 
+def how_to_create(root: Path) -> str:
+    """The commands that write a converted dataset at `root` (from RecFlow's files, or a synthetic twin).
+
+    The stage count comes from a folder named like `dataset-3stage` (default 2); the twin's size from
+    the configs' folders (data/tiny: tiny, else small); raw files go beside the dataset, in `raw/`.
+    """
+    stages = 3 if root.name.endswith("3stage") else 2
+    raw = root.parent / "raw"
+    preset = "tiny" if root.parent.name == "tiny" else "small"
+    convert = f"lcron-data convert --src {raw} --out {root} --stages {stages}"
+    synth = f"lcron-data synth --preset {preset} --out {raw}"
+    if (raw / "all_stage").is_dir():
+        return f"Create it from the raw files beside it: `{convert}`"
+    return (f"Create a synthetic twin there: `{synth} && {convert}` (`make demo` writes data/demo and data/tiny), "
+            f"or convert RecFlow's files: `lcron-data convert --src RECFLOW_RAW --out {root} --stages {stages}`")
+
+
 def load_meta(root: Path) -> DatasetMeta:
     """Read and check meta.json of a converted dataset."""
     path = Path(root) / schema.META_FILE
     if not path.is_file():
-        raise DataError("meta.json is missing: not a converted dataset (run `lcron-data convert`)", file=path)
+        raise DataError(f"meta.json is missing: not a converted dataset. {how_to_create(Path(root))}", file=path)
     try:
         meta = DatasetMeta(**json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:

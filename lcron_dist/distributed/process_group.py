@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -23,31 +22,52 @@ class DistInfo:
         return self.rank == 0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for a local rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class RendezvousStore:
+    """A TCPStore served on a port the OS picked, held open while other processes rendezvous on it.
+
+    Picking a free port and binding it later races with every other process on the machine; a port
+    held from the start cannot be taken. Processes started with `env` join it as clients: torchrun's
+    c10d rendezvous becomes a client when its endpoint is already served, and env:// rendezvous does
+    so with TORCHELASTIC_USE_AGENT_STORE. Use one per launch (keys of a finished launch stay in it).
+    """
+
+    def __init__(self) -> None:
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+    @property
+    def port(self) -> int:
+        return self.store.port
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group torchrun/Ray set up in the environment, or make a world of one."""
-    if "RANK" not in os.environ:  # not launched: a single-process world on this machine
+    """Join the process group torchrun/Ray set up in the environment, or make a world of one.
+
+    A world of one serves its own store on a port the OS picks (tcp://127.0.0.1:0), so concurrent
+    single-process runs never compete for a port.
+    """
+    launched = "RANK" in os.environ and "MASTER_PORT" in os.environ
+    if not launched:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    device_id = device if device.type == "cuda" else None
+    if not dist.is_initialized() and not launched:
+        dist.init_process_group(backend=backend, init_method="tcp://127.0.0.1:0", rank=0, world_size=1,
+                                device_id=device_id)
+    elif not dist.is_initialized():
         # torchrun's restarted workers rendezvous again on the agent's store, where the killed attempt's
         # process-group keys (every rank's gloo address) are still set: keep each attempt's keys apart.
         store, rank, world_size = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lcron_dist.data import convert
-from lcron_dist.distributed.process_group import free_port
+from lcron_dist.distributed.process_group import RendezvousStore
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240
@@ -37,10 +37,13 @@ METRICS = ("joint_recall", "stages", "train_requests", "eval_requests", "train_d
 
 def _launch(run_dir: Path, data: Path, nproc: int, *overrides: str, **env: str) -> subprocess.Popen:
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    rendezvous = RendezvousStore()
     environ.update(CONFIG="configs/tiny-2stage.toml", PYTHON=sys.executable, NPROC_PER_NODE=str(nproc),
-                   MASTER_PORT=str(free_port()), **env)
+                   **rendezvous.env, **env)
     cmd = ["bash", "launch/run_train.sh", f"--data.path={data}", f"--run.dir={run_dir}", *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.rendezvous = rendezvous  # the endpoint is served by this process until the launch is collected
+    return proc
 
 
 def _children(pid: int) -> list[int]:
@@ -86,10 +89,10 @@ def _rewind(run_dir: Path, step: int) -> dict:
     return outcome
 
 
-def _reload_and_save(rank: int, world: int, port: int, data: str, checkpoint: str, out: str, overrides: list) -> None:
+def _reload_and_save(rank: int, world: int, rendezvous: dict, data: str, checkpoint: str, out: str, overrides: list) -> None:
     """Load `checkpoint` at world size `world`, then save what was loaded into `out` (gathering it via DCP)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      OMP_NUM_THREADS="1", **rendezvous)
     from lcron_dist.config import load_config
     from lcron_dist.distributed.process_group import teardown
     from lcron_dist.trainer import Trainer
@@ -155,7 +158,8 @@ def jobs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                                       ("one-on-two", 2, root / "saved-by-one" / "step-3", zero3)):
         if name == "two-on-one":
             shutil.copytree(two / "checkpoints" / "step-3", source)
-        mp.start_processes(_reload_and_save, args=(world, free_port(), str(data), str(source), str(root / name),
+        rendezvous = RendezvousStore()
+        mp.start_processes(_reload_and_save, args=(world, rendezvous.env, str(data), str(source), str(root / name),
                                                    [a for a in args if "checkpoint." not in a]),
                            nprocs=world, join=True, start_method="spawn")
         out[name] = (source, root / name / "step-3")
@@ -236,8 +240,7 @@ def test_killed_rank_restarts_and_ends_as_an_uninterrupted_run(killed: dict) -> 
 # ---- bad checkpoints and a crash during a save (one process, world size 1) -------------------------
 
 def _bad_checkpoint_cases(rank: int, data: str, data3: str, saved: str, root: str, phase: str) -> None:
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                      OMP_NUM_THREADS="1")
+    os.environ.update(OMP_NUM_THREADS="1")  # a world of one: the trainer serves its own rendezvous
     root_dir = Path(root)
     log = open(root_dir / f"{phase}.log", "a")
     os.dup2(log.fileno(), 2)  # the trainer's warnings, for the test to read

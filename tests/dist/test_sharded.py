@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lcron_dist.data import convert
-from lcron_dist.distributed.process_group import free_port
+from lcron_dist.distributed.process_group import RendezvousStore
 
 SHARDING = ["--parallelism.sharding=table_wise", "--parallelism.table_sharding.video_id=row_wise",
             "--parallelism.table_sharding.author_id=data_parallel", "--parallelism.table_optimizer=rowwise_adagrad",
@@ -19,9 +19,9 @@ SHARDING = ["--parallelism.sharding=table_wise", "--parallelism.table_sharding.v
 
 
 
-def _rank_main(rank: int, world: int, port: int, data: str, out: str) -> None:
+def _rank_main(rank: int, world: int, rendezvous: dict, data: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      OMP_NUM_THREADS="1", **rendezvous)
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     from lcron_dist.config import load_config
@@ -75,7 +75,8 @@ def two_rank_report(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("sharded")
     data = root / "dataset"
     convert.convert(tiny_raw, data, num_stages=2, progress=False)
-    mp.spawn(_rank_main, args=(2, free_port(), str(data), str(root)), nprocs=2, join=True)
+    rendezvous = RendezvousStore()
+    mp.spawn(_rank_main, args=(2, rendezvous.env, str(data), str(root)), nprocs=2, join=True)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lcron_dist.data import convert, dataset
-from lcron_dist.distributed.process_group import free_port
+from lcron_dist.distributed.process_group import RendezvousStore
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--run.progress=false", "--run.log_every=1", "--parallelism.sharding=table_wise",
@@ -25,11 +25,17 @@ COMMON = ["--run.progress=false", "--run.log_every=1", "--parallelism.sharding=t
 
 
 
-def _launch(run_dir: Path, data: Path, *overrides: str, **env: str) -> subprocess.Popen:
+def _launch(run_dir: Path, data: Path, *overrides: str, rendezvous: RendezvousStore | None = None,
+            **env: str) -> subprocess.Popen:
+    """launch/run_train.sh, its rendezvous endpoint held by this process (`rendezvous`, or a new one)."""
+    rendezvous = rendezvous or RendezvousStore()
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environ.update(CONFIG="configs/tiny-2stage.toml", PYTHON=os.environ.get("PYTHON", str(Path(os.sys.executable))), **env)
+    environ.update(CONFIG="configs/tiny-2stage.toml", PYTHON=os.environ.get("PYTHON", str(Path(os.sys.executable))),
+                   **rendezvous.env, **env)
     cmd = ["bash", "launch/run_train.sh", f"--data.path={data}", f"--run.dir={run_dir}", *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.rendezvous = rendezvous  # served until the launch is collected
+    return proc
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -48,14 +54,14 @@ def runs(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     data = root / "dataset"
     convert.convert(tiny_raw, data, num_stages=2, progress=False)
     dirs = {"data": data, "one": root / "one", "two": root / "two", "nodes": root / "nodes", "logs": root / "logs"}
-    _finish(_launch(dirs["one"], data, *COMMON, "--data.batch_size=128", MASTER_PORT=str(free_port())))
+    _finish(_launch(dirs["one"], data, *COMMON, "--data.batch_size=128"))
     dirs["two_output"] = _finish(_launch(
         dirs["two"], data, *COMMON, "--data.batch_size=64", "--parallelism.zero_stage=2",
-        NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), LOG_DIR=str(dirs["logs"]),
+        NPROC_PER_NODE="2", LOG_DIR=str(dirs["logs"]),
     ))
-    port = str(free_port())  # two torchrun agents, one rendezvous endpoint on 127.0.0.1
-    nodes = [_launch(dirs["nodes"], data, "--run.progress=false", "--parallelism.zero_stage=1",
-                     NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", MASTER_PORT=port, RDZV_ID="two-nodes")
+    endpoint = RendezvousStore()  # two torchrun agents, one rendezvous endpoint on 127.0.0.1
+    nodes = [_launch(dirs["nodes"], data, "--run.progress=false", "--parallelism.zero_stage=1", rendezvous=endpoint,
+                     NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", RDZV_ID="two-nodes")
              for r in range(2)]
     for proc in nodes:
         _finish(proc)

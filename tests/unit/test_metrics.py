@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lcron_dist.data import schema
-from lcron_dist.distributed.process_group import free_port
+from lcron_dist.distributed.process_group import RendezvousStore
 from lcron_dist.metrics import CascadeMetrics, joint_recall, ndcg_at_k, stage_recall, top_m_mask
 
 HUGE = 1.0e6  # score and label of padded items: selecting or counting one would show at once
@@ -392,9 +392,9 @@ def _dist_worker(rank: int, world_size: int, out: str) -> None:
 
 def test_cascade_metrics_all_reduce_two_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The spawned ranks inherit this environment.
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rendezvous = RendezvousStore()
+    for key, value in {**rendezvous.env, "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
     out = str(tmp_path / "result")
     mp.spawn(_dist_worker, args=(2, out), nprocs=2, join=True)
     case = make_case(DIST_CASE["num_stages"], DIST_CASE["batch"], DIST_CASE["n"], DIST_CASE["seed"],
