@@ -10,7 +10,9 @@ requests) on each metric, and require the same numbers of requests.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -53,28 +55,51 @@ def runs(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     root = tmp_path_factory.mktemp("torchrun")
     data = root / "dataset"
     convert.convert(tiny_raw, data, num_stages=2, progress=False)
-    dirs = {"data": data, "one": root / "one", "two": root / "two", "nodes": root / "nodes", "logs": root / "logs"}
+    dirs = {"data": data, "one": root / "one", "two": root / "two", "nodes": root / "nodes", "logs": root / "logs",
+            "default_one": root / "default_one", "other_shardings": root / "other_shardings"}
     _finish(_launch(dirs["one"], data, *COMMON, "--data.batch_size=128"))
     dirs["two_output"] = _finish(_launch(
         dirs["two"], data, *COMMON, "--data.batch_size=64", "--parallelism.zero_stage=2",
         NPROC_PER_NODE="2", LOG_DIR=str(dirs["logs"]),
     ))
+    # The default path (data-parallel tables stepped by torch's Adam) with ZeRO-1: as two nodes of one
+    # rank (64 requests each) and as one rank of 128.
+    default = ["--run.progress=false", "--run.log_every=1", "--parallelism.zero_stage=1"]
     endpoint = RendezvousStore()  # two torchrun agents, one rendezvous endpoint on 127.0.0.1
-    nodes = [_launch(dirs["nodes"], data, "--run.progress=false", "--parallelism.zero_stage=1", rendezvous=endpoint,
+    nodes = [_launch(dirs["nodes"], data, *default, rendezvous=endpoint,
                      NNODES="2", NODE_RANK=str(r), NPROC_PER_NODE="1", RDZV_ID="two-nodes")
              for r in range(2)]
     for proc in nodes:
         _finish(proc)
+    _finish(_launch(dirs["default_one"], data, *default, "--data.batch_size=128"))
+    # Shardings not used above, trained: column-wise, table-row-wise and the planner's choice, with ZeRO-3.
+    _finish(_launch(dirs["other_shardings"], data, "--run.progress=false", "--run.log_every=1",
+                    "--parallelism.sharding=auto", "--parallelism.table_sharding.video_id=column_wise",
+                    "--parallelism.table_sharding.author_id=table_row_wise",
+                    "--parallelism.table_optimizer=rowwise_adagrad", "--parallelism.zero_stage=3", NPROC_PER_NODE="2"))
     return dirs
 
 
-def test_two_ranks_match_one_rank_step_by_step(runs: dict) -> None:
-    one, two = _metrics(runs["one"]), _metrics(runs["two"])
+@pytest.mark.parametrize("one, two", [("one", "two"), ("default_one", "nodes")], ids=["sharded", "default"])
+def test_two_ranks_match_one_rank_step_by_step(runs: dict, one: str, two: str) -> None:
+    one, two = _metrics(runs[one]), _metrics(runs[two])
     assert len(one) == len(two) > 3
     for a, b in zip(one, two):
         assert a["step"] == b["step"]
         for key in ("loss", "e2e", "single/retrieval", "single/ranking"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_column_wise_table_row_wise_and_auto_tables_train_under_zero3(runs: dict) -> None:
+    plan = (runs["other_shardings"] / "plan.md").read_text()
+    for table, sharding in (("ranking__video_id", "column_wise"), ("retrieval__author_id", "table_row_wise")):
+        assert f"| {table} | " in plan and re.search(rf"\| {table} \| [^|]+ \| {sharding} \| fused \|", plan), plan
+    rows = _metrics(runs["other_shardings"])
+    losses = [row["loss"] for row in rows]
+    assert len(losses) > 3 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learns
+    results = json.loads((runs["other_shardings"] / "results.json").read_text())
+    assert results["world_size"] == 2 and results["joint_recall"] > 0.5
 
 
 def test_two_ranks_evaluate_the_same_requests_to_the_same_metrics(runs: dict) -> None:
