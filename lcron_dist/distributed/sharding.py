@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -276,7 +277,22 @@ def apply_sharding(model: nn.Module, config: JobConfig, device: torch.device, wo
         model, device=device, plan=plan, sharders=[sharder],
         data_parallel_wrapper=TablesDataParallel(params_to_ignore=dense_names),
     )
+    if device.type == "cpu" and ShardingType.DATA_PARALLEL.value in sharding_types(dmp).values():
+        silence_dense_lookup_warning()
     return dmp, describe_plan(placements(planner), world_size)
+
+
+DENSE_LOOKUP_WARNING = (r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered "
+                        r"to the Autograd key")
+"""Torch's warning on every backward through data-parallel tables on CPU: fbgemm registers that op's
+backward as a C++ autograd Function inside its CPU kernel rather than under the Autograd key, which
+torch cannot see. The gradients are right (tests/unit/test_models.py proves them against
+torch.nn.EmbeddingBag), so this one message is silenced (silence_dense_lookup_warning)."""
+
+
+def silence_dense_lookup_warning() -> None:
+    """Ignore DENSE_LOOKUP_WARNING (and only it) in this process."""
+    warnings.filterwarnings("ignore", message=DENSE_LOOKUP_WARNING, category=UserWarning)
 
 
 class TablesDataParallel(DefaultDataParallelWrapper):

@@ -3,6 +3,8 @@ the embedding slot split equals the per-feature layout."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -131,11 +133,15 @@ def _random_batch(b: int, n: int, length: int, vocab: int, seed: int) -> Batch:
 
 def _embed_per_feature(module: StageEmbeddings, batch: Batch) -> StageInputs:
     """The slot layout read feature by feature: slice each feature's [B, M, D] view, concatenate."""
-    pooled = module.ebc(batch.id_features()).to_dict()
+    return _per_feature_layout(module.ebc(batch.id_features()).to_dict(), batch, module.dim)
+
+
+def _per_feature_layout(pooled: dict[str, torch.Tensor], batch: Batch, dim: int) -> StageInputs:
+    """StageInputs from each feature's pooled [B·M, D] embeddings."""
     slots = batch.num_slots
 
     def group(names: tuple[str, ...], used: int) -> torch.Tensor:
-        return torch.cat([pooled[name].view(-1, slots, module.dim)[:, :used] for name in names], dim=-1)
+        return torch.cat([pooled[name].view(-1, slots, dim)[:, :used] for name in names], dim=-1)
 
     return StageInputs(user=group(SLOT_GROUPS[0], 1).squeeze(1), item=group(SLOT_GROUPS[1], batch.item.shape[-1]),
                        history=group(SLOT_GROUPS[2], batch.history.shape[-1]), history_mask=batch.history[0] > 0)
@@ -182,3 +188,62 @@ def test_din_compiled_equals_eager() -> None:
     for name, grad in grads.items():  # the softmax ignores a shift of its logits: no gradient for their bias
         assert name == "attention_out.bias" or grad.abs().sum() > 0, name
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_silenced() -> None:
+    """On CPU, data-parallel tables backpropagate through fbgemm's dense lookup, of which torch warns that
+    no autograd kernel is registered: its table gradients equal torch.nn.EmbeddingBag's."""
+    from lcron_dist.config import load_config
+    from lcron_dist.distributed.process_group import init_distributed, teardown
+    from lcron_dist.distributed.sharding import (
+        DENSE_LOOKUP_WARNING,
+        apply_sharding,
+        apply_table_init,
+        silence_dense_lookup_warning,
+    )
+
+    init_distributed()
+    try:
+        config = load_config(None, ["--model.emb_dim=3", "--model.dssm_hidden=4", "--model.din_hidden=4",
+                                    "--model.din_attention_hidden=4"])
+        vocab = {kind: 30 for kind in {*schema.USER_FEATURES, *schema.ITEM_FEATURES}}
+        batch = _random_batch(6, 7, 5, 30, seed=6)
+        model = Cascade(config.model, vocab, build_loss("lcron", num_stages=2), device="meta")
+        table_features = {t.name: t.feature_names for t in model.sparse["ranking"].ebc.embedding_bag_configs()}
+        dmp, _ = apply_sharding(model, config, torch.device("cpu"), 1, batch.num_slots)
+        apply_table_init(dmp, seed=0)
+        stage = model.sparse["ranking"]
+        g = torch.Generator().manual_seed(6)
+        weights = [torch.randn(6, 8 * 3, generator=g), torch.randn(6, 7, 8 * 3, generator=g),
+                   torch.randn(6, 5, 5 * 3, generator=g)]
+
+        def loss(x: StageInputs) -> torch.Tensor:
+            return sum((part * w).sum() for part, w in zip((x.user, x.item, x.history), weights))
+
+        tables = {name.split(".")[-2]: p for name, p in dmp.named_parameters() if name.startswith("sparse.ranking.")}
+        assert len(tables) == 16 and all(p.grad is None for p in tables.values())
+        reference = {name: torch.nn.EmbeddingBag(*p.shape, mode="sum", _weight=p.detach().clone())
+                     for name, p in tables.items()}
+        features = batch.id_features()
+        pooled = {}
+        for table, names in table_features.items():
+            for feature in names:
+                jagged = features[feature]
+                pooled[feature] = reference[table](jagged.values(), jagged.offsets()[:-1])
+        loss(_per_feature_layout(pooled, batch, 3)).backward()
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss(stage(features, batch)).backward()  # the DMP-sharded (data-parallel) module
+            assert any(re.search(DENSE_LOOKUP_WARNING, str(w.message)) for w in caught), "the warning this silences"
+            for p in tables.values():
+                p.grad = None
+            silence_dense_lookup_warning()
+            caught.clear()
+            loss(stage(features, batch)).backward()
+            assert not any(re.search(DENSE_LOOKUP_WARNING, str(w.message)) for w in caught)
+        for name, p in tables.items():
+            assert p.grad.abs().sum() > 0, name
+            torch.testing.assert_close(p.grad, reference[name].weight.grad, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        teardown()
