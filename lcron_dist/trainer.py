@@ -109,8 +109,8 @@ class Trainer:
         self.dist = init_distributed()
         self.device = self.dist.device
         self.log = build_logger(self.dist.rank)
-        self.log.info("rank %d of %d (local rank %d) on %s, backend %s", self.dist.rank, self.dist.world_size,
-                      self.dist.local_rank, self.device, self.dist.backend)
+        self.log.info("rank %d of %d (local rank %d) on %s, backend %s, %d torch threads", self.dist.rank,
+                      self.dist.world_size, self.dist.local_rank, self.device, self.dist.backend, torch.get_num_threads())
         if self.device.type == "cpu":
             keep_freed_memory(self.log)
         self.run_dir = Path(config.run.dir)
