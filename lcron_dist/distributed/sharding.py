@@ -275,7 +275,7 @@ def apply_sharding(model: nn.Module, config: JobConfig, device: torch.device, wo
     dense_names = [name for name, _ in model.named_parameters() if name.startswith(dense_prefix)]
     dmp = DistributedModelParallel(
         model, device=device, plan=plan, sharders=[sharder],
-        data_parallel_wrapper=TablesDataParallel(params_to_ignore=dense_names),
+        data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=dense_names),
     )
     if device.type == "cpu" and ShardingType.DATA_PARALLEL.value in sharding_types(dmp).values():
         silence_dense_lookup_warning()
@@ -293,18 +293,6 @@ torch.nn.EmbeddingBag), so this one message is silenced (silence_dense_lookup_wa
 def silence_dense_lookup_warning() -> None:
     """Ignore DENSE_LOOKUP_WARNING (and only it) in this process."""
     warnings.filterwarnings("ignore", message=DENSE_LOOKUP_WARNING, category=UserWarning)
-
-
-class TablesDataParallel(DefaultDataParallelWrapper):
-    """DDP over the data-parallel tables (the dense part is DeepSpeed's), except in a single process.
-
-    With one process there is no gradient to average, and DDP would still pass over every
-    data-parallel table's dense gradient each step to scale it into its bucket.
-    """
-
-    def wrap(self, dmp: DistributedModelParallel, env, device: torch.device) -> None:
-        if env.world_size > 1:
-            super().wrap(dmp, env, device)
 
 
 def build_sparse_optimizer(dmp: DistributedModelParallel, config: JobConfig, dense_prefix: str = "dense.") -> KeyedOptimizer:
