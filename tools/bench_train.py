@@ -6,7 +6,8 @@ this working tree) and each repeat, in alternating order (ref, ours, ref, ours, 
 - `lcron-train` end to end on the dataset: its `train_requests_per_s` (results.json: every training
   step of the day loop, torch.compile and data loading included) and the process's wall time;
 - that side's own `tools/profile_throughput.py`: steady-state training and evaluation requests/s.
-Both sides run with the same config name (each from its own tree), overrides, environment and threads.
+Both sides run with the same config name (each from its own tree), overrides, environment and threads;
+unless overridden, every day of the dataset but the last trains and the last tests.
 The dataset defaults to a 2-day twin of 20,000 requests per day (the `medium` preset's size), written
 on first use. Prints a markdown table and writes OUT/bench_train.md and OUT/bench_train.json.
 
@@ -82,6 +83,9 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     overrides = [o for o in overrides if o != "--"] or DEFAULT_OVERRIDES
     ensure_dataset(args.data, args.requests_per_day)
+    if not any(o.startswith(("--data.train_days", "--data.test_day")) for o in overrides):
+        days = sorted(json.loads((args.data / "meta.json").read_text())["days"])  # the recipe's days are RecFlow's
+        overrides = [*overrides, f"--data.train_days={days[0]}:{days[-2]}", f"--data.test_day={days[-1]}"]
 
     rows: dict[str, list[dict]] = {"ref": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

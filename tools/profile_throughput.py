@@ -137,14 +137,6 @@ def main() -> None:
             per_phase[phase].append(trainer.timer.seconds.get(phase, 0.0))
         trainer.timer.seconds.clear()
 
-    flops, shape = step_flops(trainer, batches[-1])
-    rates = {"4096 x 4096 x 4096": matmul_rate(4096, 4096, 4096, trainer.device)}
-    if shape is not None:
-        rates[" x ".join(map(str, shape)) + " (the step's most common)"] = matmul_rate(*shape, trainer.device)
-    peak = max(rates.values())
-    step_s = float(np.median(steps))
-    operators = top_operators(trainer, batches[-3:], args.top)
-
     trainer.model.eval()
     eval_times: list[float] = []
     eval_requests = 0
@@ -154,6 +146,17 @@ def main() -> None:
             _, scores = trainer.model(batch.to(trainer.device), compute_loss=False)
             eval_times.append(time.perf_counter() - start)
             eval_requests += batch.size
+    trainer.model.train()
+
+    # After the timed parts: counting FLOPs runs a step under a dispatch mode (torch.compile retraces
+    # under it), and the profiler adds its own overhead.
+    flops, shape = step_flops(trainer, batches[-1])
+    rates = {"4096 x 4096 x 4096": matmul_rate(4096, 4096, 4096, trainer.device)}
+    if shape is not None:
+        rates[" x ".join(map(str, shape)) + " (the step's most common)"] = matmul_rate(*shape, trainer.device)
+    peak = max(rates.values())
+    step_s = float(np.median(steps))
+    operators = top_operators(trainer, batches[-3:], args.top)
 
     total = sum(steps)
     world = trainer.dist.world_size
