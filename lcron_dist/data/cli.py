@@ -17,7 +17,8 @@ def _synth(args: argparse.Namespace) -> int:
     overrides = {
         name: value
         for name, value in (("days", args.days), ("requests_per_day", args.requests_per_day),
-                            ("end_day", args.end_day), ("seed", args.seed))
+                            ("end_day", args.end_day), ("seed", args.seed),
+                            ("shuffle_rows", args.shuffle_rows), ("pickle_protocol", args.pickle_protocol))
         if value is not None
     }
     config = synth.SynthConfig.preset(args.preset, **overrides)
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-per-day", type=int, help="requests per day (overrides the preset)")
     p.add_argument("--end-day", type=schema.parse_day, help="last day, YYYY-MM-DD (default 2024-02-04)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--shuffle-rows", action="store_true", default=None,
+                   help="write all_stage and realshow rows in a random order, not grouped by request")
+    p.add_argument("--pickle-protocol", type=int, choices=(2, 3, 4, 5),  # synth.PICKLE_PROTOCOLS (synth loads torch)
+                   help="pickle protocol of the day dicts and id_cnt.pkl (default 5)")
     p.set_defaults(run=_synth)
 
     p = sub.add_parser("convert", help="raw RecFlow -> day-partitioned Parquet dataset")

@@ -1,8 +1,10 @@
 """RecFlow raw files -> day-partitioned Parquet training examples (one row per request).
 
 A day is converted with numpy/pyarrow array operations over all its requests at once; the only
-per-request work left is pulling the arrays out of the published pickles (C-level `map`). Memory is
-bounded by one day. Each day is written to a temporary folder and renamed when complete.
+per-request work left is pulling the arrays out of the published pickles (C-level `map`). RecFlow
+promises no row order, so rows are mapped to requests without sorting them (request_index): a day
+costs about the same in any row order. Memory is bounded by one day. Each day is written to a
+temporary folder and renamed when complete.
 """
 
 from __future__ import annotations
@@ -71,8 +73,40 @@ def _encode_ids(values: np.ndarray, valid: np.ndarray, count: int, where: dict) 
     return encoded
 
 
+def _inverse(permutation: np.ndarray) -> np.ndarray:
+    """The inverse of a permutation of 0..n-1, in O(n) (an argsort would sort)."""
+    inverse = np.empty(len(permutation), dtype=np.int64)
+    inverse[permutation] = np.arange(len(permutation))
+    return inverse
+
+
+def _index_in(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """int64 index of each value's first occurrence in `table`, -1 where absent (a hash join, no sort)."""
+    return pc.index_in(pa.array(values), value_set=pa.array(table)).fill_null(-1).to_numpy().astype(np.int64)
+
+
+def _dense_codes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values of `ids` and each element's index into them, in O(len(ids)) in any order.
+
+    A day's request ids usually span a compact range: a direct-address table over it (one scatter, a
+    cumsum and one gather) is then a counting sort. Otherwise pyarrow's dictionary_encode hashes them and
+    only the distinct ids are sorted. (np.unique would sort all rows: seconds on a RecFlow-size day.)
+    """
+    low, high = int(ids.min()), int(ids.max())
+    if high - low < len(ids):  # the table is then no bigger than the ids themselves
+        offset = ids - low
+        seen = np.zeros(high - low + 1, bool)
+        seen[offset] = True
+        return np.flatnonzero(seen) + low, (np.cumsum(seen) - 1)[offset]
+    encoded = pa.array(ids).dictionary_encode()  # dictionary: in order of first appearance
+    order = np.argsort(encoded.dictionary.to_numpy())  # sorted index -> dictionary index
+    return encoded.dictionary.to_numpy()[order], _inverse(order)[encoded.indices.to_numpy()]
+
+
 def request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Distinct requests of an all_stage table and their request-level fields.
+    """Distinct requests of an all_stage table and their request-level fields, whatever the row order.
+
+    RecFlow promises no row order: rows are mapped to requests in O(rows) (see _dense_codes).
 
     Returns:
         request_ids: [R] sorted distinct request ids;
@@ -82,21 +116,13 @@ def request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray
     rid = table.column("request_id").to_numpy()
     if rid.size == 0:
         raise DataError("table has no rows", file=path, day=day)
-    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
-    run_ids = rid[starts]
-    order = np.argsort(run_ids, kind="stable")
-    if np.all(np.diff(run_ids[order]) > 0):
-        # Rows grouped by request (as logged): sort the R runs, not the millions of rows.
-        request_ids, first_row = run_ids[order], starts[order]
-        run_rank = np.empty(len(starts), dtype=np.int64)
-        run_rank[order] = np.arange(len(starts))
-        row_request = np.repeat(run_rank, np.diff(np.r_[starts, rid.size]))
-    else:
-        request_ids, first_row, row_request = np.unique(rid, return_index=True, return_inverse=True)
+    request_ids, row_request = _dense_codes(rid)
+    some_row = np.empty(len(request_ids), np.int64)
+    some_row[row_request] = np.arange(len(rid))  # a row of each request: which one does not matter, all must agree
     fields = {}
     for name in schema.REQUEST_COLUMNS:
         values = table.column(name).to_numpy()
-        per_request = values[first_row]
+        per_request = values[some_row]
         differs = values != per_request[row_request]
         if differs.any():
             raise DataError(
@@ -217,16 +243,18 @@ def _candidate_columns(
     """
     table_path = raw.day_file(root, schema.ALL_STAGE_DIR, day)
     requests = raw.load_request_dict(root, day)
+    entry_request = _index_in(requests.request_ids, request_ids)  # file order -> sorted index, -1 if not in all_stage
+    unlisted = np.ones(len(request_ids), bool)
+    unlisted[entry_request[entry_request >= 0]] = False
     for missing, there, here in (
-        (np.setdiff1d(request_ids, requests.request_ids), table_path, requests.path),
-        (np.setdiff1d(requests.request_ids, request_ids), requests.path, table_path),
+        (request_ids[unlisted], table_path, requests.path),
+        (np.sort(requests.request_ids[entry_request < 0]), requests.path, table_path),
     ):
         if missing.size:
             raise DataError(
                 f"{missing.size} request(s) of {there.name} are missing from {here.parent.name}/{here.name}, "
                 f"e.g. request {missing[0]}", file=here, day=day, column="request_id",
             )
-    entry_request = np.searchsorted(request_ids, requests.request_ids)  # [R] file order -> sorted index
 
     # Assembled in request_id_dict order and put in output order at the end.
     blocks, labels, present = [], [], []
@@ -259,7 +287,7 @@ def _candidate_columns(
                                               dict(file=dict_path, day=day, column=name))
     for unit, values in time_features(cand["upload_timestamp"], "s").items():
         columns[f"cand_upload_{unit}"] = values * mask
-    file_row = np.argsort(entry_request)[order]  # output row -> position in request_id_dict
+    file_row = _inverse(entry_request)[order]  # output row -> position in request_id_dict
     return {name: values[file_row] for name, values in columns.items()}
 
 

@@ -37,7 +37,7 @@ REPORT_PATH = "others/synth_report.json"
 """Calibration report written beside id_cnt.pkl (the converter ignores it)."""
 
 _CHUNK = 2048  # requests simulated at once: bounds memory ([C, P, D] float32 ≈ 50 MB), not the output
-_WORLD, _REQUESTS, _FUNNEL, _FEEDBACK = range(4)  # seed purposes
+_WORLD, _REQUESTS, _FUNNEL, _FEEDBACK, _LAYOUT = range(5)  # seed purposes
 _RANK_KEEP = schema.MAX_POSITIVE_INDEX  # the ranking stage passes 20 items on to re-ranking
 _GROUP = {label: schema.LOGGED_PER_REQUEST[label][1] for label in schema.STAGE_LABELS}
 _ALL_STAGE_ROWS = _RANK_KEEP + _GROUP["rank_neg"] + _GROUP["coarse_neg"] + _GROUP["prerank_neg"]  # per request
@@ -61,11 +61,13 @@ _RECENT_VIEWS = 5  # the "recent" channel expands the user's last views (yesterd
 _GOLDEN = (np.sqrt(5) - 1) / 2  # step of the Weyl sequence that replaces repeated pool videos
 _WATCH_OFFSET, _WATCH_NOISE = 4.0, 0.8  # watch fraction = sigmoid(utility - offset + noise): ~60% effective
 _INTERACTION_OFFSETS = {"like": 8.0, "comment": 8.5, "forward": 9.0, "follow": 9.5}  # rarer and rarer (~6% .. 2%)
+PICKLE_PROTOCOLS = (2, 3, 4, 5)
+"""Pickle protocols the twin can be written with (numpy arrays pickle the same way in 2..4)."""
 
 
 @dataclass
 class SynthConfig:
-    """Scale and hidden-cascade knobs of the synthetic twin."""
+    """Scale, hidden-cascade and file-layout knobs of the synthetic twin."""
 
     days: int = 3
     """Number of consecutive days generated, the last one being end_day."""
@@ -97,6 +99,12 @@ class SynthConfig:
     """Probability that a user's short-term intent carries over to their next request."""
     stage_noise: tuple[float, float, float, float] = (0.9, 0.6, 0.3, 0.2)
     """Noise std of the pre-rank, coarse, rank and re-rank scores (the utility's std is about 1)."""
+    shuffle_rows: bool = False
+    """Write all_stage (and so realshow) rows in a random order instead of grouped by request: RecFlow
+    promises no row order, and the converter must not rely on one."""
+    pickle_protocol: int = 5
+    """Pickle protocol of the day dicts and id_cnt.pkl (2..5); RecFlow promises none, and protocols <= 4
+    store arrays differently from 5."""
 
     def __post_init__(self) -> None:
         if isinstance(self.end_day, str):
@@ -123,6 +131,8 @@ class SynthConfig:
             raise ValueError(f"SynthConfig.zipf_exponent must be > 0, got {self.zipf_exponent}")
         if len(self.stage_noise) != 4 or min(self.stage_noise) < 0:
             raise ValueError(f"SynthConfig.stage_noise must be 4 values >= 0, got {self.stage_noise}")
+        if self.pickle_protocol not in PICKLE_PROTOCOLS:
+            raise ValueError(f"SynthConfig.pickle_protocol must be one of {PICKLE_PROTOCOLS}, got {self.pickle_protocol}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SynthConfig:
@@ -518,11 +528,11 @@ def _write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_pickle(path: Path, obj: Any) -> None:
+def _write_pickle(path: Path, obj: Any, protocol: int) -> None:
     """Pickle obj to path through _write."""
     def dump(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(obj, f, protocol=protocol)
 
     _write(path, dump)
 
@@ -682,12 +692,16 @@ def generate(config: SynthConfig, out_root: str | Path, progress: bool = True) -
 
         name = schema.day_name(day)
         frame = _all_stage(world, requests, funnel, feedback)
+        if config.shuffle_rows:
+            order = np.random.default_rng([config.seed, _LAYOUT, day_index]).permutation(len(frame))
+            frame = frame.iloc[order].reset_index(drop=True)
         _write(root / schema.ALL_STAGE_DIR / f"{name}.feather", frame.to_feather)
         shown = frame[frame["realshow"] == 1].reset_index(drop=True)
         _write(root / schema.REALSHOW_DIR / f"{name}.feather", shown.to_feather)
         _write_pickle(root / schema.REQUEST_DICT_DIR / f"{name}.pkl",
-                      _request_dict(world, requests["request_id"], funnel, feedback))
-        _write_pickle(root / schema.SEQ_DICT_DIR / f"{name}.pkl", _seq_dict(world, requests["request_id"], history))
+                      _request_dict(world, requests["request_id"], funnel, feedback), config.pickle_protocol)
+        _write_pickle(root / schema.SEQ_DICT_DIR / f"{name}.pkl", _seq_dict(world, requests["request_id"], history),
+                      config.pickle_protocol)
         totals["rows"] += len(frame)
         totals["shown"] += len(shown)
         totals["effective"] += int(shown["effective_view"].sum())
@@ -696,7 +710,7 @@ def generate(config: SynthConfig, out_root: str | Path, progress: bool = True) -
               "author_id": config.num_authors}
     counts = {field: scaled.get(field) or schema.RECFLOW_ID_COUNTS[field] for field in schema.ID_FIELDS}
     counts |= {alias: counts[field] for alias, field in schema.ID_CNT_ALIASES.items()}
-    _write_pickle(root / schema.ID_CNT_PATH, counts)
+    _write_pickle(root / schema.ID_CNT_PATH, counts, config.pickle_protocol)
     report = SynthReport(
         config=config, out_root=root, requests=config.days * config.requests_per_day, all_stage_rows=totals["rows"],
         realshow_rows=totals["shown"], effective_view_rate=round(totals["effective"] / max(totals["shown"], 1), 4),

@@ -16,7 +16,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
-from lcron_dist.data import cli, convert, dataset, raw, schema
+from lcron_dist.data import cli, convert, dataset, raw, schema, synth
 from lcron_dist.data.errors import DataError
 
 ZONE = zoneinfo.ZoneInfo(schema.TIME_ZONE)
@@ -284,6 +284,26 @@ def test_day_pickles_of_any_protocol_read_as_numpy_would(protocol: int, tmp_path
         raw.join_rows([np.zeros((2, 7), np.int64)], 8, "lists", path, None)
 
 
+@pytest.mark.parametrize("spread", [1, 10**12], ids=["compact ids", "sparse ids"])
+def test_request_index_equals_a_sort_of_the_rows_in_any_order(spread: int) -> None:
+    """Both ways of mapping rows to requests (a direct table over compact ids, a hash otherwise) give what
+    np.unique over the rows gives, with rows in a random order."""
+    rng = np.random.default_rng(spread)
+    ids = rng.choice(400, size=300, replace=False) * spread - 7
+    rows = rng.permutation(np.repeat(np.arange(300), rng.integers(2, 6, 300)))  # request of each row
+    assert (ids.max() - ids.min() < len(rows)) == (spread == 1), "each case takes its own way"
+    fields = {name: rng.integers(0, 100, 300)[rows] for name in schema.REQUEST_COLUMNS}
+    table = pa.table({"request_id": ids[rows], **fields})
+    request_ids, row_request, got = convert.request_index(table, Path("x.feather"), dt.date(2024, 1, 13))
+    expected_ids, first_row, inverse = np.unique(ids[rows], return_index=True, return_inverse=True)
+    assert np.array_equal(request_ids, expected_ids) and np.array_equal(row_request, inverse)
+    for name in schema.REQUEST_COLUMNS:
+        assert np.array_equal(got[name], fields[name][first_row]), name
+    fields["age"][np.flatnonzero(rows == rows[0])[-1]] += 1  # one row of a request disagrees
+    with pytest.raises(DataError, match=f"column age: request-level value differs within request {ids[rows[0]]}"):
+        convert.request_index(pa.table({"request_id": ids[rows], **fields}), Path("x.feather"), dt.date(2024, 1, 13))
+
+
 @pytest.mark.parametrize("shuffle", ["requests", "rows"])
 def test_conversion_does_not_depend_on_all_stage_row_order(shuffle: str, broken_raw: Path, tiny_raw: Path,
                                                              tmp_path: Path) -> None:
@@ -302,3 +322,19 @@ def test_conversion_does_not_depend_on_all_stage_row_order(shuffle: str, broken_
     convert.convert(broken_raw, shuffled, days=[day], progress=False)
     convert.convert(tiny_raw, reference, days=[day], progress=False)
     assert _read_day(shuffled, day).equals(_read_day(reference, day))
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_shuffled_twin_with_other_pickles_converts_to_the_same_dataset(protocol: int, tiny_dataset: Path,
+                                                                        tmp_path: Path) -> None:
+    """RecFlow promises no row order and no pickle protocol: the twin of the same seed written with all_stage
+    rows in a random order and protocol-N pickles converts to exactly the tables of the default twin."""
+    root, out = tmp_path / "raw", tmp_path / "ds"
+    synth.generate(synth.SynthConfig.preset("tiny", shuffle_rows=True, pickle_protocol=protocol), root, progress=False)
+    meta = dataset.load_meta(tiny_dataset)
+    convert.convert(root, out, num_stages=meta.num_stages, progress=False)
+    for day in meta.day_list:
+        ids = feather.read_table(raw.day_file(root, schema.ALL_STAGE_DIR, day), columns=["request_id"]).column(0).to_numpy()
+        assert np.count_nonzero(np.diff(ids)) > 10 * len(np.unique(ids)), "the twin's rows are not grouped by request"
+        assert raw.day_file(root, schema.REQUEST_DICT_DIR, day).read_bytes()[1] == protocol
+        assert _read_day(out, day).equals(_read_day(tiny_dataset, day))

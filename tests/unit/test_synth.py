@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
 
-from lcron_dist.data import schema, synth
+from lcron_dist.data import cli, schema, synth
 
 CONFIG = synth.SynthConfig.preset("tiny")
 DAYS = [schema.day_name(day) for day in CONFIG.day_list]
@@ -243,7 +243,44 @@ def test_presets_and_overrides() -> None:
     (dict(zipf_exponent=0.0), "zipf_exponent"),
     (dict(stage_noise=(1.0, 1.0, 1.0)), "stage_noise"),
     (dict(end_day="2024-02-30"), "invalid day"),
+    (dict(pickle_protocol=1), "pickle_protocol"),
 ])
 def test_config_validation(overrides: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         synth.SynthConfig(**overrides)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_shuffled_rows_and_pickle_protocol_change_the_layout_not_the_data(twin: Twin, tmp_path: Path,
+                                                                           protocol: int) -> None:
+    root = tmp_path / "raw"
+    code = cli.main(["--quiet", "synth", "--out", str(root), "--preset", "tiny", "--shuffle-rows",
+                     "--pickle-protocol", str(protocol)])
+    assert code == 0
+    config = json.loads((root / synth.REPORT_PATH).read_text())["config"]
+    assert config["shuffle_rows"] is True and config["pickle_protocol"] == protocol
+    key = ["request_id", "video_id"]
+    for day in DAYS:
+        frame = pd.read_feather(root / schema.ALL_STAGE_DIR / f"{day}.feather")
+        ids = frame["request_id"].to_numpy()
+        assert np.count_nonzero(np.diff(ids)) > 10 * len(np.unique(ids)), "rows are not grouped by request"
+        mine = twin.all_stage[twin.all_stage["day"] == day].drop(columns="day")
+        pd.testing.assert_frame_equal(frame.sort_values(key, ignore_index=True), mine.sort_values(key, ignore_index=True))
+        realshow = pd.read_feather(root / schema.REALSHOW_DIR / f"{day}.feather")
+        pd.testing.assert_frame_equal(realshow, frame[frame["realshow"] == 1].reset_index(drop=True))
+        for folder, expected in ((schema.REQUEST_DICT_DIR, twin.request_dicts[day]), (schema.SEQ_DICT_DIR, twin.seq_dicts[day])):
+            path = root / folder / f"{day}.pkl"
+            assert path.read_bytes()[:2] == bytes([0x80, protocol])  # the PROTO opcode and its argument
+            assert _equal_nested(_load_pickle(path), expected), path
+    assert (root / schema.ID_CNT_PATH).read_bytes()[1] == protocol
+    assert _load_pickle(root / schema.ID_CNT_PATH) == twin.id_cnt
+    again = tmp_path / "again"
+    synth.generate(synth.SynthConfig.preset("tiny", shuffle_rows=True, pickle_protocol=protocol), again, progress=False)
+    assert _files(again) == _files(root), "the shuffle is seeded"
+
+
+def _equal_nested(a, b) -> bool:
+    """Equality of dicts of (dicts of) arrays, with the same key order."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_equal_nested(a[k], b[k]) for k in a)
+    return a.dtype == b.dtype and np.array_equal(a, b)
