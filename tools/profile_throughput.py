@@ -148,15 +148,15 @@ def main() -> None:
             eval_requests += batch.size
     trainer.model.train()
 
-    # After the timed parts: counting FLOPs runs a step under a dispatch mode (torch.compile retraces
-    # under it), and the profiler adds its own overhead.
+    # After the timed parts, as they add overhead; the operators before the FLOP count, which runs a step
+    # under a dispatch mode that sends torch.compile'd functions back to eager for the rest of the run.
+    operators = top_operators(trainer, batches[-3:], args.top)
     flops, shape = step_flops(trainer, batches[-1])
     rates = {"4096 x 4096 x 4096": matmul_rate(4096, 4096, 4096, trainer.device)}
     if shape is not None:
         rates[" x ".join(map(str, shape)) + " (the step's most common)"] = matmul_rate(*shape, trainer.device)
     peak = max(rates.values())
     step_s = float(np.median(steps))
-    operators = top_operators(trainer, batches[-3:], args.top)
 
     total = sum(steps)
     world = trainer.dist.world_size
