@@ -110,7 +110,7 @@ def main() -> None:
     median = {side: {k: statistics.median(r[k] for r in runs) for k, _ in keys} for side, runs in rows.items()}
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"config {args.config} {' '.join(overrides)}; data {args.data}; {os.cpu_count()} cores; "
-             f"torch threads per process: default; median of {args.repeats} alternating runs per side",
+             f"torch threads per process: {os.environ.get('OMP_NUM_THREADS', 'torch default')}; median of {args.repeats} alternating runs per side",
              "", f"| measure | ref {args.ref} | ours ({commit} + working tree) | ours / ref |", "|---|---|---|---|"]
     for key, label in keys:
         ref, ours = median["ref"][key], median["ours"][key]
