@@ -60,16 +60,34 @@ def on_day(timestamps_ms: np.ndarray, day: dt.date) -> np.ndarray:
     return local.cast(pa.date32()).to_numpy(zero_copy_only=False) == np.datetime64(day.isoformat())
 
 
-def _encode_ids(values: np.ndarray, valid: np.ndarray, count: int, where: dict) -> np.ndarray:
-    """Shift raw ids by +1 so 0 is padding, after checking they lie in [0, count)."""
+def _check_ids(values: np.ndarray, count: int, owners: Callable[[], np.ndarray], where: dict,
+               valid: np.ndarray | None = None, context: Callable[[tuple[int, ...]], str] = lambda at: "") -> None:
+    """Fail unless every (valid) raw id lies in [0, count), the range id_cnt.pkl gives.
+
+    Args:
+        values: ids, [rows] or [rows, k] (contiguous: a strided pass costs many times more).
+        owners: builds the [rows] request ids of the rows (only called to name the culprit).
+        valid: same shape as `values`; False where the id is padding and not checked.
+        context: where in its request the id at this index sits, for the message.
+    """
     # Fast path: padding is 0, so a plain min/max over everything almost always settles it.
-    if values.size and (values.min() < 0 or values.max() >= count):
-        bad = valid & ((values < 0) | (values >= count))
-        if bad.any():
-            raise DataError(f"id {values[bad][0]} outside [0, {count}) given by id_cnt.pkl", **where)
+    if values.size == 0 or (values.min() >= 0 and values.max() < count):
+        return
+    bad = (values < 0) | (values >= count)
+    if valid is not None:
+        bad &= valid
+    if bad.any():
+        at = tuple(np.argwhere(bad)[0])
+        raise DataError(f"id {values[at]} of request {owners()[at[0]]}{context(at)} is outside [0, {count}) "
+                        "given by id_cnt.pkl", **where)
+
+
+def _encode_ids(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Shift checked raw ids by +1 so 0 is padding (and is set wherever `valid` is False)."""
     encoded = values.astype(np.int32)
     encoded += 1
-    encoded *= valid
+    if valid is not None:
+        encoded *= valid
     return encoded
 
 
@@ -115,7 +133,8 @@ def request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray
     """
     rid = table.column("request_id").to_numpy()
     if rid.size == 0:
-        raise DataError("table has no rows", file=path, day=day)
+        raise DataError("the day has no requests (the table has no rows, where every RecFlow day logs thousands): "
+                        "re-export the day, or leave it out with --days", file=path, day=day, column="request_id")
     request_ids, row_request = _dense_codes(rid)
     some_row = np.empty(len(request_ids), np.int64)
     some_row[row_request] = np.arange(len(rid))  # a row of each request: which one does not matter, all must agree
@@ -142,14 +161,26 @@ class _Positives:
     stride: int
 
 
-def _index_positives(table: pa.Table, row_request: np.ndarray, video: np.ndarray, group: str) -> _Positives:
-    """Index the `group` == 1 rows of all_stage (`row_request`, `video`: each row's request index and video)."""
+def _index_positives(table: pa.Table, row_request: np.ndarray, group: str, video_count: int, where: dict) -> _Positives:
+    """Index the `group` == 1 rows of all_stage (`row_request`: each row's request index), after checking
+    their video ids (the only all_stage ids the conversion uses) and their positions (1..MAX_POSITIVE_INDEX)."""
     is_pos = table.column(group).to_numpy() == 1
+    video = table.column("video_id").to_numpy()[is_pos]
+    owners = lambda: table.column("request_id").to_numpy()[is_pos]  # noqa: E731
+    _check_ids(video, video_count, owners, dict(column="video_id", **where), context=lambda at: f" ({group} row)")
+    index_column = schema.POSITIVE_INDEX_COLUMN[group]
+    positions = table.column(index_column).to_numpy()[is_pos]
+    outside = (positions < 1) | (positions > schema.MAX_POSITIVE_INDEX)
+    if outside.any():
+        at = np.argmax(outside)
+        raise DataError(
+            f"{index_column} {positions[at]} of {group} video {video[at]} in request {owners()[at]} "
+            f"is outside 1..{schema.MAX_POSITIVE_INDEX}", column=index_column, **where,
+        )
     stride = int(video.max(initial=0)) + 1
-    keys = row_request[is_pos] * stride + video[is_pos]
+    keys = row_request[is_pos] * stride + video
     order = np.argsort(keys, kind="stable")
-    positions = table.column(schema.POSITIVE_INDEX_COLUMN[group]).to_numpy()[is_pos][order]
-    return _Positives(group, keys[order], positions, stride)
+    return _Positives(group, keys[order], positions[order], stride)
 
 
 def _positive_labels(
@@ -159,21 +190,14 @@ def _positive_labels(
     group, keys, index_column = positives.group, positives.keys, schema.POSITIVE_INDEX_COLUMN[positives.group]
     wanted = req * positives.stride + video
     at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
-    found = (keys[at] == wanted) & (video >= 0) & (video < positives.stride) if len(keys) else np.zeros(len(wanted), bool)
+    found = (keys[at] == wanted) & (video < positives.stride) if len(keys) else np.zeros(len(wanted), bool)
     if not found.all():
         miss = np.flatnonzero(~found)[0]
         raise DataError(
             f"positive video {video[miss]} of request {request_ids[req[miss]]} in request_id_dict has no {group} row "
             f"with a {index_column} in all_stage", file=path, day=day, column=index_column,
         )
-    positions = positives.positions[at]
-    bad = (positions < 1) | (positions > schema.MAX_POSITIVE_INDEX)
-    if bad.any():
-        raise DataError(
-            f"{index_column} {positions[bad][0]} of a {group} item is outside 1..{schema.MAX_POSITIVE_INDEX}",
-            file=path, day=day, column=index_column,
-        )
-    return (schema.MAX_LABEL - positions).astype(np.int8)
+    return (schema.MAX_LABEL - positives.positions[at]).astype(np.int8)
 
 
 def build_day(
@@ -193,9 +217,10 @@ def build_day(
         c for g in setting.groups if g in schema.POSITIVE_INDEX_COLUMN for c in (g, schema.POSITIVE_INDEX_COLUMN[g])])
     table = raw.read_table(table_path, day, columns_needed)
     request_ids, row_request, request_fields = request_index(table, table_path, day)
-    video = table.column("video_id").to_numpy()
-    positives = {g: _index_positives(table, row_request, video, g) for g in setting.groups if g in schema.POSITIVE_INDEX_COLUMN}
-    del table, row_request, video  # a day's raw inputs are released one by one: memory peaks at one of them
+    table_where = dict(file=table_path, day=day)
+    positives = {g: _index_positives(table, row_request, g, id_counts["video_id"], table_where)
+                 for g in setting.groups if g in schema.POSITIVE_INDEX_COLUMN}
+    del table, row_request  # a day's raw inputs are released one by one: memory peaks at one of them
     # Chronological order within the day, so a reader without shuffling replays the log.
     order = np.lexsort((request_ids, request_fields["request_timestamp"]))  # output row -> sorted index
     columns = _candidate_columns(root, day, setting, id_counts, pad_short_groups, positives, request_ids, order)
@@ -204,10 +229,9 @@ def build_day(
     request_fields = {name: values[order] for name, values in request_fields.items()}
     columns["request_id"] = request_ids
     columns["request_timestamp"] = request_fields["request_timestamp"]
-    everyone = np.ones(len(request_ids), bool)
     for name in ("user_id", "device_id", "age", "gender", "province"):
-        columns[name] = _encode_ids(request_fields[name], everyone, id_counts[name],
-                                    dict(file=table_path, day=day, column=name))
+        _check_ids(request_fields[name], id_counts[name], lambda: request_ids, dict(column=name, **table_where))
+        columns[name] = _encode_ids(request_fields[name])
     for unit, values in time_features(request_fields["request_timestamp"], "ms").items():
         columns[f"req_{unit}"] = values
 
@@ -215,8 +239,9 @@ def build_day(
     hist_valid = history["request_timestamp"] > 0
     seq_path = raw.day_file(root, schema.SEQ_DICT_DIR, day)
     for name in schema.HISTORY_FEATURES:
-        columns[f"hist_{name}"] = _encode_ids(history[name], hist_valid, id_counts[name],
-                                              dict(file=seq_path, day=day, column=name))
+        _check_ids(history[name], id_counts[name], lambda: request_ids, dict(file=seq_path, day=day, column=name),
+                   hist_valid, lambda at: f" (history position {at[1] + 1})")
+        columns[f"hist_{name}"] = _encode_ids(history[name], hist_valid)
     columns["hist_len"] = hist_valid.sum(axis=1).astype(np.int32)
 
     arrow = dataset.arrow_schema(setting.num_candidates)
@@ -243,6 +268,9 @@ def _candidate_columns(
     """
     table_path = raw.day_file(root, schema.ALL_STAGE_DIR, day)
     requests = raw.load_request_dict(root, day)
+    if len(requests.request_ids) == 0:
+        raise DataError(f"holds no requests, but {table_path.parent.name}/{table_path.name} has {len(request_ids)}",
+                        file=requests.path, day=day, column="request_id")
     entry_request = _index_in(requests.request_ids, request_ids)  # file order -> sorted index, -1 if not in all_stage
     unlisted = np.ones(len(request_ids), bool)
     unlisted[entry_request[entry_request >= 0]] = False
@@ -257,7 +285,7 @@ def _candidate_columns(
             )
 
     # Assembled in request_id_dict order and put in output order at the end.
-    blocks, labels, present = [], [], []
+    blocks, present = [], []
     for group in setting.groups:
         rows, lengths = requests.group(group, day, head=schema.GROUP_SIZE)  # research pipeline: the first 10
         short = lengths < schema.GROUP_SIZE
@@ -269,22 +297,32 @@ def _candidate_columns(
                 file=requests.path, day=day, column=group,
             )
         present.append(np.arange(schema.GROUP_SIZE) < lengths[:, None])  # [R, 10]
-        if group in positives:
-            req = np.repeat(entry_request, np.minimum(lengths, schema.GROUP_SIZE))
-            row_label = _positive_labels(positives[group], request_ids, req, rows[:, _ARRAY_COL["video_id"]], table_path, day)
-        else:
-            row_label = np.full(len(rows), schema.NEGATIVE_LABEL[group], np.int8)
         blocks.append(_fill(rows, present[-1]))
-        labels.append(_fill(row_label, present[-1]))
-    dict_path = requests.path
-    del requests
+    dict_ids, dict_path = requests.request_ids, requests.path
+    del requests, rows
     cand = _split_fields(np.concatenate(blocks, axis=1), _ARRAY_COL, _CAND_FIELDS)  # each [R, N]
+    del blocks
     mask = np.concatenate(present, axis=1)
 
+    def where_listed(at: tuple[int, ...]) -> str:
+        group, item = divmod(at[1], schema.GROUP_SIZE)
+        return f" ({setting.groups[group]} list, item {item + 1})"
+
+    for name in _ITEM_IDS:
+        _check_ids(cand[name], id_counts[name], lambda: dict_ids, dict(file=dict_path, day=day, column=name), mask,
+                   where_listed)
+
+    labels = []  # checked ids first: an impossible video id is reported as such, not as an unmatched positive
+    for g, group in enumerate(setting.groups):
+        if group in positives:
+            video = cand["video_id"][:, g * schema.GROUP_SIZE:(g + 1) * schema.GROUP_SIZE][present[g]]
+            req = np.repeat(entry_request, present[g].sum(axis=1))
+            labels.append(_fill(_positive_labels(positives[group], request_ids, req, video, table_path, day), present[g]))
+        else:
+            labels.append(np.where(present[g], schema.NEGATIVE_LABEL[group], 0).astype(np.int8))
     columns = {"cand_label": np.concatenate(labels, axis=1), "cand_mask": mask.view(np.int8)}
     for name in _ITEM_IDS:
-        columns[f"cand_{name}"] = _encode_ids(cand[name], mask, id_counts[name],
-                                              dict(file=dict_path, day=day, column=name))
+        columns[f"cand_{name}"] = _encode_ids(cand[name], mask)
     for unit, values in time_features(cand["upload_timestamp"], "s").items():
         columns[f"cand_upload_{unit}"] = values * mask
     file_row = _inverse(entry_request)[order]  # output row -> position in request_id_dict
@@ -417,7 +455,8 @@ def convert(
     else:
         absent = [d for d in days if d not in available]
         if absent:
-            raise DataError(f"day {absent[0]} asked for but {schema.ALL_STAGE_DIR}/{absent[0]}.feather is absent", file=src, day=absent[0])
+            raise DataError("file is missing (the day was asked for, and no folder has a file of it)",
+                            file=raw.day_file(src, schema.ALL_STAGE_DIR, absent[0]), day=absent[0])
     id_counts = raw.load_id_counts(src)
     out.mkdir(parents=True, exist_ok=True)
     if (out / schema.META_FILE).exists():

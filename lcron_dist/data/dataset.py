@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,20 +130,52 @@ def how_to_create(root: Path) -> str:
             f"or convert RecFlow's files: `lcron-data convert --src RECFLOW_RAW --out {root} --stages {stages}`")
 
 
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a JSON value matches a DatasetMeta field's type (int, str, list[X], dict[K, V])."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+
+
+def _parse_meta(path: Path) -> DatasetMeta:
+    """meta.json as a DatasetMeta, each field present and of its type."""
+    try:
+        fields = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"not valid JSON (damaged? convert again): {exc}", file=path) from None
+    if not isinstance(fields, dict):
+        raise DataError(f"expected a JSON object of fields, found {type(fields).__name__}", file=path)
+    version = fields.get("schema_version")
+    if isinstance(version, int) and version != schema.SCHEMA_VERSION:  # other fields may differ: say why first
+        raise DataError(f"schema version {version}, this code reads {schema.SCHEMA_VERSION}: convert again",
+                        file=path, column="schema_version")
+    hints = typing.get_type_hints(DatasetMeta)
+    required = [f.name for f in dataclasses.fields(DatasetMeta) if f.default is dataclasses.MISSING]
+    for name in [*required, *fields]:
+        if name not in hints:
+            raise DataError(f"unknown field (this code reads {', '.join(hints)})", file=path, column=name)
+        if name not in fields:
+            raise DataError("field is missing", file=path, column=name)
+        if not _has_type(fields[name], hints[name]):
+            expected = hints[name] if typing.get_origin(hints[name]) else hints[name].__name__
+            raise DataError(f"expected {expected}, found {json.dumps(fields[name])[:60]}", file=path, column=name)
+    for day in fields["days"]:
+        try:
+            schema.parse_day(day)
+        except ValueError as exc:
+            raise DataError(str(exc), file=path, column="days") from None
+    return DatasetMeta(**fields)
+
+
 def load_meta(root: Path) -> DatasetMeta:
     """Read and check meta.json of a converted dataset."""
     path = Path(root) / schema.META_FILE
     if not path.is_file():
         raise DataError(f"meta.json is missing: not a converted dataset. {how_to_create(Path(root))}", file=path)
-    try:
-        meta = DatasetMeta(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise DataError(f"not a valid meta.json: {exc}", file=path) from None
-    if meta.schema_version != schema.SCHEMA_VERSION:
-        raise DataError(
-            f"schema version {meta.schema_version}, this code reads {schema.SCHEMA_VERSION}: convert again",
-            file=path, column="schema_version",
-        )
+    meta = _parse_meta(path)
     if meta.num_stages not in schema.GROUPS or list(schema.GROUPS[meta.num_stages]) != meta.groups:
         raise DataError(f"unknown stage setting {meta.num_stages} with groups {meta.groups}", file=path, column="groups")
     return meta

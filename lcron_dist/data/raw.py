@@ -31,18 +31,27 @@ def day_file(root: Path, folder: str, day: dt.date) -> Path:
 
 
 def list_days(root: Path) -> list[dt.date]:
-    """Days present in a raw root, judged by all_stage/*.feather, in chronological order."""
+    """Days present in a raw root, in chronological order.
+
+    A day is judged by all_stage/*.feather, and also by the day files of the other folders: a day whose
+    all_stage file is lost is then reported as missing by whoever reads it, not skipped without a word.
+    """
     folder = Path(root) / schema.ALL_STAGE_DIR
     if not folder.is_dir():
         raise DataError(f"not a RecFlow raw root: folder {schema.ALL_STAGE_DIR}/ is missing", file=root)
-    days = []
+    days = set()
     for path in folder.glob("*.feather"):
         try:
-            days.append(schema.parse_day(path.stem))
+            days.add(schema.parse_day(path.stem))
         except ValueError:
             raise DataError("file name is not YYYY-MM-DD.feather", file=path) from None
     if not days:
         raise DataError("no day files (YYYY-MM-DD.feather) found", file=folder)
+    for other in (schema.REALSHOW_DIR, schema.REQUEST_DICT_DIR, schema.SEQ_DICT_DIR):
+        some_day = day_file(root, other, schema.RECFLOW_FIRST_DAY)
+        for path in some_day.parent.glob(f"*{some_day.suffix}"):
+            with contextlib.suppress(ValueError):  # only all_stage/ has to hold day files alone
+                days.add(schema.parse_day(path.stem))
     return sorted(days)
 
 
@@ -111,12 +120,13 @@ def _resolve(values: list) -> list:
 
 def join_rows(
     arrays: list, width: int, what: str, path: Path, day: dt.date | None, column: str | None = None,
-    head: int | None = None,
+    head: int | None = None, keys: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stack int [n_i, width] arrays (raw records as unpickled by this module, or ndarrays) into one int64 array.
 
     Args:
         head: keep only the first `head` rows of each array.
+        keys: the request id each array belongs to, named when one is not an integer [n, width] array.
 
     Returns:
         rows: [sum min(n_i, head), width] int64;
@@ -139,17 +149,25 @@ def join_rows(
             flat = np.frombuffer(b"".join(data), dtype=dtype)
             return flat.reshape(-1, width).astype(np.int64, copy=False), lengths
         arrays = [_record_to_numpy(a) if type(a) is tuple else a for a in arrays]
-    try:
-        arrays = [np.asarray(a) for a in arrays]
-    except ValueError as exc:
-        raise DataError(f"{what} must all be integer arrays [n, {width}]: {exc}", file=path, day=day, column=column) from None
-    bad = next((a for a in arrays if a.ndim != 2 or a.shape[1] != width or a.dtype.kind not in "iu"), None)
+    arrays = list(map(_as_array, arrays))
+    bad = next((i for i, a in enumerate(arrays)
+                if a is None or a.ndim != 2 or a.shape[1] != width or a.dtype.kind not in "iu"), None)
     if bad is not None:
-        raise DataError(f"{what} must all be integer arrays [n, {width}], got {bad.dtype} {list(bad.shape)}",
+        found = "a ragged nested list" if arrays[bad] is None else f"{arrays[bad].dtype} {list(arrays[bad].shape)}"
+        owner = "" if keys is None else f" (request {keys[bad]})"
+        raise DataError(f"{what} must all be integer arrays [n, {width}], got {found}{owner}",
                         file=path, day=day, column=column)
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     rows = np.concatenate([a[:head] for a in arrays]) if arrays else np.zeros((0, width), np.int64)
     return rows.astype(np.int64, copy=False), lengths
+
+
+def _as_array(value: Any) -> np.ndarray | None:
+    """`value` as an ndarray; None where numpy cannot make one (a ragged nested list)."""
+    try:
+        return np.asarray(value)
+    except ValueError:
+        return None
 
 
 def _load_pickle(path: Path, day: dt.date | None) -> Any:
@@ -231,9 +249,12 @@ class RequestDict:
         except KeyError:
             missing = next(rid for rid, entry in zip(self.request_ids, self.entries) if label not in entry)
             raise DataError(f"request {missing} has no {label!r} list", file=self.path, day=day, column=label) from None
-        except TypeError:
-            raise DataError("values must be dicts {stage_label: array}", file=self.path, day=day) from None
-        return join_rows(arrays, len(schema.REQUEST_ARRAY_COLUMNS), "request_id_dict lists", self.path, day, label, head)
+        except (TypeError, IndexError):  # an entry that is a list or an array, not a dict
+            i = next(i for i, entry in enumerate(self.entries) if not isinstance(entry, dict))
+            raise DataError(f"values must be dicts {{stage_label: array}}, the value of request {self.request_ids[i]} "
+                            "is not", file=self.path, day=day, column=label) from None
+        return join_rows(arrays, len(schema.REQUEST_ARRAY_COLUMNS), "request_id_dict lists", self.path, day, label, head,
+                         self.request_ids)
 
 
 def load_request_dict(root: Path, day: dt.date) -> RequestDict:
@@ -242,7 +263,17 @@ def load_request_dict(root: Path, day: dt.date) -> RequestDict:
     data = _load_pickle(path, day)
     if not isinstance(data, dict):
         raise DataError(f"expected a dict {{request_id: {{stage_label: array}}}}, got {type(data).__name__}", file=path, day=day)
-    return RequestDict(path, np.fromiter(data.keys(), dtype=np.int64, count=len(data)), list(data.values()))
+    return RequestDict(path, _request_keys(data, path, day), list(data.values()))
+
+
+def _request_keys(data: dict, path: Path, day: dt.date) -> np.ndarray:
+    """The keys of a day pickle as int64 request ids."""
+    try:
+        return np.fromiter(data.keys(), dtype=np.int64, count=len(data))
+    except (TypeError, ValueError, OverflowError) as exc:
+        bad = next((k for k in data if not isinstance(k, (int, np.integer)) or not -2**63 <= k < 2**63), None)
+        found = exc if bad is None else repr(bad)
+        raise DataError(f"keys must be integer request ids, found {found}", file=path, day=day, column="request_id") from None
 
 
 def load_histories(root: Path, day: dt.date, request_ids: np.ndarray) -> np.ndarray:
@@ -251,18 +282,18 @@ def load_histories(root: Path, day: dt.date, request_ids: np.ndarray) -> np.ndar
     data = _load_pickle(path, day)
     if not isinstance(data, dict):
         raise DataError(f"expected a dict {{request_id: array [50, 10]}}, got {type(data).__name__}", file=path, day=day)
-    keys = np.fromiter(data.keys(), dtype=np.int64, count=len(data))
+    keys = _request_keys(data, path, day)
     missing = np.setdiff1d(request_ids, keys)
     if missing.size:
         raise DataError(
             f"{missing.size} request(s) have no history entry, e.g. request {missing[0]} (every request needs a key)",
-            file=path, day=day,
+            file=path, day=day, column="request_id",
         )
     arrays = list(map(data.__getitem__, request_ids.tolist()))
-    rows, lengths = join_rows(arrays, len(schema.SEQ_COLUMNS), "histories", path, day)
+    rows, lengths = join_rows(arrays, len(schema.SEQ_COLUMNS), "histories", path, day, keys=request_ids)
     if not np.all(lengths == schema.SEQ_LEN):
         bad = np.flatnonzero(lengths != schema.SEQ_LEN)[0]
-        raise DataError(f"history of request {request_ids[bad]} has {lengths[bad]} rows, not {schema.SEQ_LEN}",
-                        file=path, day=day)
+        raise DataError(f"history of request {request_ids[bad]} has {lengths[bad]} rows, not {schema.SEQ_LEN} "
+                        f"(histories are [{schema.SEQ_LEN}, {len(schema.SEQ_COLUMNS)}], left-padded)", file=path, day=day)
     return rows.reshape(len(arrays), schema.SEQ_LEN, len(schema.SEQ_COLUMNS))
 

@@ -1,9 +1,11 @@
-"""The converter against the raw files it reads: every field of sampled requests, and every bad input."""
+"""The converter against the raw files it reads: every field of every request, and every bad input."""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gc
+import json
 import pickle
 import shutil
 import zoneinfo
@@ -22,63 +24,74 @@ from lcron_dist.data.errors import DataError
 ZONE = zoneinfo.ZoneInfo(schema.TIME_ZONE)
 
 
+@functools.cache
 def _time(ts: float) -> tuple[int, int, int]:
     local = dt.datetime.fromtimestamp(ts, ZONE)
     return local.weekday() + 1, local.hour + 1, local.minute + 1
 
 
-def _expected_row(root: Path, day: dt.date, rid: int, num_stages: int) -> dict:
-    """The converted row of request `rid`, computed the slow, obvious way from the raw files."""
+def _load(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def _expected_day(root: Path, day: dt.date, num_stages: int) -> dict[int, dict]:
+    """The converted row of every request of `day`, computed the slow, obvious way from the raw files."""
     table = pd.read_feather(raw.day_file(root, schema.ALL_STAGE_DIR, day))
-    rows = table[table.request_id == rid]
-    with open(raw.day_file(root, schema.REQUEST_DICT_DIR, day), "rb") as f:
-        lists = pickle.load(f)[rid]
-    with open(raw.day_file(root, schema.SEQ_DICT_DIR, day), "rb") as f:
-        history = pickle.load(f)[rid]
-    first = rows.iloc[0]
-    row = {"request_id": rid, "request_timestamp": int(first.request_timestamp)}
-    for name in ("user_id", "device_id", "age", "gender", "province"):
-        row[name] = int(first[name]) + 1
-    row["req_weekday"], row["req_hour"], row["req_minute"] = _time(first.request_timestamp / 1000)
-    cand = {name: [] for name in schema.ITEM_FEATURES}
-    labels, masks = [], []
+    lists = _load(raw.day_file(root, schema.REQUEST_DICT_DIR, day))
+    histories = _load(raw.day_file(root, schema.SEQ_DICT_DIR, day))
+    position = {}  # (request, group, video) -> rank_index / rerank_index of that positive row
+    for group, index_column in schema.POSITIVE_INDEX_COLUMN.items():
+        flagged = table[table[group] == 1]
+        for rid, video, index in zip(flagged.request_id, flagged.video_id, flagged[index_column]):
+            position[rid, group, video] = int(index)
     col = {name: i for i, name in enumerate(schema.REQUEST_ARRAY_COLUMNS)}
-    for group in schema.GROUPS[num_stages]:
-        for item in lists[group][: schema.GROUP_SIZE]:
-            for name in ("video_id", "author_id", "category_level_two", "category_level_one", "upload_type"):
-                cand[name].append(int(item[col[name]]) + 1)
-            weekday, hour, minute = _time(item[col["upload_timestamp"]])
-            cand["upload_weekday"].append(weekday)
-            cand["upload_hour"].append(hour)
-            cand["upload_minute"].append(minute)
-            if group in schema.POSITIVE_INDEX_COLUMN:
-                match = rows[(rows.video_id == item[0]) & (rows[group] == 1)]
-                labels.append(30 - int(match[schema.POSITIVE_INDEX_COLUMN[group]].iloc[0]))
-            else:
-                labels.append(schema.NEGATIVE_LABEL[group])
-            masks.append(1)
-    row.update({f"cand_{k}": v for k, v in cand.items()})
-    row["cand_label"], row["cand_mask"] = labels, masks
     seq = {name: i for i, name in enumerate(schema.SEQ_COLUMNS)}
-    valid = history[:, seq["request_timestamp"]] > 0
-    for name in schema.HISTORY_FEATURES:
-        row[f"hist_{name}"] = [int(v) + 1 if ok else 0 for v, ok in zip(history[:, seq[name]], valid)]
-    row["hist_len"] = int(valid.sum())
-    return row
+    rows = {}
+    for first in table.drop_duplicates("request_id").itertuples():
+        rid = int(first.request_id)
+        row = {"request_id": rid, "request_timestamp": int(first.request_timestamp)}
+        for name in ("user_id", "device_id", "age", "gender", "province"):
+            row[name] = int(getattr(first, name)) + 1
+        row["req_weekday"], row["req_hour"], row["req_minute"] = _time(first.request_timestamp / 1000)
+        cand = {name: [] for name in schema.ITEM_FEATURES}
+        labels, masks = [], []
+        for group in schema.GROUPS[num_stages]:
+            for item in lists[rid][group][: schema.GROUP_SIZE]:
+                for name in ("video_id", "author_id", "category_level_two", "category_level_one", "upload_type"):
+                    cand[name].append(int(item[col[name]]) + 1)
+                weekday, hour, minute = _time(int(item[col["upload_timestamp"]]))
+                cand["upload_weekday"].append(weekday)
+                cand["upload_hour"].append(hour)
+                cand["upload_minute"].append(minute)
+                if group in schema.POSITIVE_INDEX_COLUMN:
+                    labels.append(30 - position[rid, group, item[col["video_id"]]])
+                else:
+                    labels.append(schema.NEGATIVE_LABEL[group])
+                masks.append(1)
+        row.update({f"cand_{k}": v for k, v in cand.items()})
+        row["cand_label"], row["cand_mask"] = labels, masks
+        history = histories[rid]
+        valid = history[:, seq["request_timestamp"]] > 0
+        for name in schema.HISTORY_FEATURES:
+            row[f"hist_{name}"] = [int(v) + 1 if ok else 0 for v, ok in zip(history[:, seq[name]], valid)]
+        row["hist_len"] = int(valid.sum())
+        rows[rid] = row
+    return rows
 
 
 def _read_day(out: Path, day: dt.date) -> pa.Table:
     return pq.read_table(dataset.day_files(out, day), partitioning=None)
 
 
-def test_every_field_of_sampled_requests_matches_the_raw_files(tiny_raw: Path, tiny_dataset: Path) -> None:
+def test_every_field_of_every_request_matches_the_raw_files(tiny_raw: Path, tiny_dataset: Path) -> None:
     meta = dataset.load_meta(tiny_dataset)
     for day in meta.day_list:
-        table = _read_day(tiny_dataset, day)
-        ids = table.column("request_id").to_numpy()
-        for i in np.random.default_rng(0).choice(len(ids), size=3, replace=False):
-            got = table.slice(int(i), 1).to_pylist()[0]
-            assert got == _expected_row(tiny_raw, day, int(ids[i]), meta.num_stages)
+        expected = _expected_day(tiny_raw, day, meta.num_stages)
+        got = _read_day(tiny_dataset, day).to_pylist()
+        assert sorted(row["request_id"] for row in got) == sorted(expected), "one row per request of all_stage"
+        for row in got:
+            assert row == expected[row["request_id"]]
 
 
 def test_meta_and_layout(tiny_raw: Path, tiny_dataset: Path) -> None:
@@ -171,67 +184,216 @@ def _first_request(root: Path, day: dt.date) -> int:
     return int(pd.read_feather(raw.day_file(root, schema.ALL_STAGE_DIR, day)).request_id.iloc[0])
 
 
-def _corrupt(case: str, root: Path, day: dt.date) -> tuple[str, str]:
-    """Apply one kind of damage to `day`; return (file folder, expected message fragment)."""
+def _with_id(array: np.ndarray, columns: tuple[str, ...], row: int, field: str, value: int) -> np.ndarray:
+    """A copy of one request's array (a request_id_dict list or a history) with `field` at `row` set to `value`."""
+    array = array.copy()
+    array[row, columns.index(field)] = value
+    return array
+
+
+def _corrupt(case: str, root: Path, day: dt.date) -> tuple[str, str | None, str]:
+    """Apply one kind of damage to `day`; return (file name, column or None, expected rule fragment)."""
     table = raw.day_file(root, schema.ALL_STAGE_DIR, day)
     requests = raw.day_file(root, schema.REQUEST_DICT_DIR, day)
     seq = raw.day_file(root, schema.SEQ_DICT_DIR, day)
     rid = _first_request(root, day)
+    counts = raw.load_id_counts(root)
     if case == "missing file":
         requests.unlink()
-        return requests.name, "file is missing"
+        return requests.name, None, "file is missing"
+    if case == "missing feather file":
+        table.unlink()
+        return table.name, None, "file is missing"
     if case == "truncated feather":
         table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
-        return table.name, "not a readable Arrow IPC"
+        return table.name, None, "not a readable Arrow IPC"
     if case == "truncated pickle":
         seq.write_bytes(seq.read_bytes()[: seq.stat().st_size // 2])
-        return seq.name, "not a readable pickle"
+        return seq.name, None, "not a readable pickle"
     if case == "missing column":
         _edit_table(table, lambda f: f.drop(columns=["province"]))
-        return table.name, "column province: column is missing"
+        return table.name, "province", "column is missing"
     if case == "wrong type":
         _edit_table(table, lambda f: f.assign(user_id=f.user_id.astype("float64")))
-        return table.name, "column user_id: expected type int64, found double"
+        return table.name, "user_id", "expected type int64, found double"
     if case == "request missing from request_id_dict":
         _edit_pickle(requests, lambda d: d.pop(rid))
-        return requests.name, f"missing from request_id_dict/{day}.pkl, e.g. request {rid}"
+        return requests.name, "request_id", f"missing from request_id_dict/{day}.pkl, e.g. request {rid}"
+    if case == "request only in request_id_dict":
+        extra = rid + 10**9
+        _edit_pickle(requests, lambda d: d.__setitem__(extra, d[rid]))
+        return table.name, "request_id", f"1 request(s) of {day}.pkl are missing from all_stage/{day}.feather, e.g. request {extra}"
+    if case == "request_id_dict entry not a dict":
+        _edit_pickle(requests, lambda d: d.__setitem__(rid, d[rid]["rank_neg"]))
+        return requests.name, "rank_pos", f"values must be dicts {{stage_label: array}}, the value of request {rid} is not"
+    if case == "request id not an integer":
+        _edit_pickle(seq, lambda d: d.__setitem__("r1", d[rid]))
+        return seq.name, "request_id", "keys must be integer request ids, found 'r1'"
     if case == "request missing from seq_effective_50_dict":
         _edit_pickle(seq, lambda d: d.pop(rid))
-        return seq.name, f"e.g. request {rid}"
+        return seq.name, "request_id", f"e.g. request {rid}"
     if case == "positive with no rank index":
         _edit_table(table, lambda f: f.assign(rank_pos=np.where(f.request_id == rid, 0, f.rank_pos)))
-        return table.name, "column rank_index: positive video"
+        return table.name, "rank_index", "positive video"
+    if case in ("rank_index 21", "rank_index 0"):
+        index = int(case.split()[1])
+        frame = pd.read_feather(table)
+        video = frame.video_id[(frame.request_id == rid) & (frame.rank_pos == 1)].iloc[0]
+        _edit_table(table, lambda f: f.assign(rank_index=np.where((f.request_id == rid) & (f.rank_pos == 1), index, f.rank_index)))
+        return table.name, "rank_index", f"rank_index {index} of rank_pos video {video} in request {rid} is outside 1..20"
+    if case == "request-level value changes within a request":
+        _edit_table(table, lambda f: f.assign(age=np.where(f.index == f.index[f.request_id == rid][-1], f.age + 1, f.age)))
+        return table.name, "age", f"request-level value differs within request {rid}"
     if case == "group smaller than its size":
         _edit_pickle(requests, lambda d: d[rid].__setitem__("coarse_neg", d[rid]["coarse_neg"][:7]))
-        return requests.name, f"request {rid} has 7 coarse_neg items, fewer than the 10"
+        return requests.name, "coarse_neg", f"request {rid} has 7 coarse_neg items, fewer than the 10"
     if case == "id outside id_cnt":
         _edit_table(table, lambda f: f.assign(province=np.where(f.request_id == rid, 79, f.province)))
-        return table.name, "column province: id 79 outside [0, 79)"
+        return table.name, "province", f"id 79 of request {rid} is outside [0, 79) given by id_cnt.pkl"
+    if case == "negative id":
+        _edit_table(table, lambda f: f.assign(user_id=np.where(f.request_id == rid, -1, f.user_id)))
+        return table.name, "user_id", f"id -1 of request {rid} is outside [0, {counts['user_id']})"
+    if case == "negative video id of a positive in all_stage":
+        _edit_table(table, lambda f: f.assign(video_id=np.where((f.request_id == rid) & (f.rank_pos == 1), -5, f.video_id)))
+        return table.name, "video_id", f"id -5 of request {rid} (rank_pos row) is outside [0, {counts['video_id']})"
+    if case in CANDIDATE_IDS:
+        group, field, row, value_of = CANDIDATE_IDS[case]
+        value = value_of(counts)
+        _edit_pickle(requests, lambda d: d[rid].__setitem__(
+            group, _with_id(d[rid][group], schema.REQUEST_ARRAY_COLUMNS, row, field, value)))
+        return requests.name, field, f"id {value} of request {rid} ({group} list, item {row + 1}) is outside [0, {counts[field]})"
+    if case in HISTORY_IDS:
+        field, value_of = HISTORY_IDS[case]
+        value = value_of(counts)
+
+        def edit(histories: dict) -> None:
+            assert histories[rid][-1, schema.SEQ_COLUMNS.index("request_timestamp")] > 0, "the newest view is not padding"
+            histories[rid] = _with_id(histories[rid], schema.SEQ_COLUMNS, -1, field, value)
+        _edit_pickle(seq, edit)
+        return seq.name, field, f"id {value} of request {rid} (history position 50) is outside [0, {counts[field]})"
+    if case == "history with 49 rows":
+        _edit_pickle(seq, lambda d: d.__setitem__(rid, d[rid][1:]))
+        return seq.name, None, f"history of request {rid} has 49 rows, not 50"
+    if case == "history with 9 columns":
+        _edit_pickle(seq, lambda d: d.__setitem__(rid, np.ascontiguousarray(d[rid][:, :9])))
+        return seq.name, None, f"histories must all be integer arrays [n, 10], got int64 [50, 9] (request {rid})"
+    if case == "history of floats":
+        _edit_pickle(seq, lambda d: d.__setitem__(rid, d[rid].astype(np.float64)))
+        return seq.name, None, f"got float64 [50, 10] (request {rid})"
+    if case == "empty all_stage":
+        _edit_table(table, lambda f: f.iloc[:0])
+        return table.name, "request_id", "the day has no requests (the table has no rows"
+    if case == "empty request_id_dict":
+        _edit_pickle(requests, dict.clear)
+        return requests.name, "request_id", f"holds no requests, but all_stage/{day}.feather has 200"
     raise AssertionError(case)
 
 
+CANDIDATE_IDS = {  # case -> (group, field, row, bad value given the id counts)
+    "candidate id outside id_cnt": ("rank_neg", "author_id", 0, lambda c: c["author_id"]),
+    "positive candidate video outside id_cnt": ("rank_pos", "video_id", 9, lambda c: c["video_id"] + 7),
+    "negative candidate id": ("coarse_neg", "category_level_one", 4, lambda c: -1),
+}
+HISTORY_IDS = {  # case -> (field, bad value given the id counts), put in the last (newest) history row
+    "history id outside id_cnt": ("category_level_two", lambda c: c["category_level_two"]),
+    "negative history id": ("video_id", lambda c: -2),
+}
 BAD_INPUTS = [
     "missing file", "truncated feather", "truncated pickle", "missing column", "wrong type",
     "request missing from request_id_dict", "request missing from seq_effective_50_dict",
     "positive with no rank index", "group smaller than its size", "id outside id_cnt",
 ]
+"""Run over every day with 2 workers: the failing day leaves nothing behind, the others are complete or absent."""
+BAD_DAYS = [
+    "missing feather file", "request only in request_id_dict", "request_id_dict entry not a dict",
+    "request id not an integer", "rank_index 21", "rank_index 0",
+    "request-level value changes within a request", "negative id", "negative video id of a positive in all_stage",
+    *CANDIDATE_IDS, *HISTORY_IDS, "history with 49 rows", "history with 9 columns", "history of floats",
+    "empty all_stage", "empty request_id_dict",
+]
+"""Run on the broken day alone (one worker): the same error, at a fraction of the time."""
+
+
+def _assert_located(error: DataError, file_name: str, day: dt.date, column: str | None, rule: str) -> None:
+    """The message reads "file F, day D, column C: rule" (no column part where none applies)."""
+    message = str(error)
+    where = f"day {day}, column {column}: " if column else f"day {day}: "
+    assert message.startswith("file ") and f"{file_name}, {where}" in message and rule in message, message
+
+
+def _convert_fails_clearly(case: str, root: Path, out: Path, **options) -> dt.date:
+    """Damage the last day of `root` as `case` says and convert: the error locates the damage, and nothing
+    of the day, no temporary folder and no meta.json is left at `out`. Returns the damaged day."""
+    day = _last_day(root)
+    file_name, column, rule = _corrupt(case, root, day)
+    with pytest.raises(DataError) as info:
+        convert.convert(root, out, progress=False, **options)
+    _assert_located(info.value, file_name, day, column, rule)
+    assert not dataset.day_dir(out, day).exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary folder survives"
+    assert not (out / schema.META_FILE).exists()
+    return day
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_fails_clearly_and_leaves_nothing_half_written(case: str, broken_raw: Path, tmp_path: Path) -> None:
-    day = _last_day(broken_raw)
-    file_name, fragment = _corrupt(case, broken_raw, day)
     out = tmp_path / "ds"
-    with pytest.raises(DataError) as info:
-        convert.convert(broken_raw, out, workers=2, progress=False)
-    message = str(info.value)
-    assert file_name in message and f"day {day}" in message and fragment in message, message
-    assert not dataset.day_dir(out, day).exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary folder survives"
-    assert not (out / schema.META_FILE).exists()
-    for other in raw.list_days(broken_raw)[:-1]:  # the days that were fine are complete, or absent
-        if dataset.day_dir(out, other).exists():
+    day = _convert_fails_clearly(case, broken_raw, out, workers=2)
+    for other in raw.list_days(broken_raw):  # the days that were fine are complete, or absent
+        if other != day and dataset.day_dir(out, other).exists():
             assert dataset.count_requests(out, other) > 0
+
+
+@pytest.mark.parametrize("case", BAD_DAYS)
+def test_bad_day_fails_clearly_and_leaves_nothing_half_written(case: str, broken_raw: Path, tmp_path: Path) -> None:
+    _convert_fails_clearly(case, broken_raw, tmp_path / "ds", days=[_last_day(broken_raw)])
+
+
+def test_a_day_asked_for_and_absent_names_its_file(tiny_raw: Path, tmp_path: Path) -> None:
+    day = dt.date(2023, 12, 31)
+    with pytest.raises(DataError) as info:
+        convert.convert(tiny_raw, tmp_path / "ds", days=[day], progress=False)
+    _assert_located(info.value, f"{schema.ALL_STAGE_DIR}/{day}.feather", day, None, "file is missing")
+
+
+def _edit_meta(edit):
+    """An edit of meta.json's fields, as text."""
+    def apply(text: str) -> str:
+        fields = json.loads(text)
+        edit(fields)
+        return json.dumps(fields)
+    return apply
+
+
+DAMAGED_META = {  # case -> (edit of meta.json's text, column or None, expected rule fragment)
+    "truncated": (lambda text: text[: len(text) // 2], None, "not valid JSON"),
+    "not UTF-8": (lambda text: "\udcff" + text, None, "not valid JSON"),  # written as the byte 0xff
+    "not an object": (lambda text: "[2, 3]", None, "expected a JSON object of fields, found list"),
+    "field missing": (_edit_meta(lambda m: m.pop("days")), "days", "field is missing"),
+    "number as a string": (_edit_meta(lambda m: m.update(num_stages="2")), "num_stages", 'expected int, found "2"'),
+    "bool for an int": (_edit_meta(lambda m: m.update(seq_len=True)), "seq_len", "expected int, found true"),
+    "ill-typed value": (_edit_meta(lambda m: m["vocab_sizes"].update(video_id=1.5)), "vocab_sizes", "expected dict[str, int]"),
+    "days as a list": (_edit_meta(lambda m: m.update(days=list(m["days"]))), "days", "expected dict[str, int], found ["),
+    "day name": (_edit_meta(lambda m: m.update(days={"2024-13-01": 5})), "days", "invalid day '2024-13-01'"),
+    "unknown field": (_edit_meta(lambda m: m.update(stages=2)), "stages", "unknown field"),
+    "newer schema": (_edit_meta(lambda m: m.update(schema_version=99, stages=2)), "schema_version", "schema version 99"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_META))
+def test_damaged_meta_json_names_file_field_and_rule(case: str, tmp_path: Path) -> None:
+    edit, column, rule = DAMAGED_META[case]
+    dataset.write_meta(tmp_path, dataset.DatasetMeta(
+        schema_version=schema.SCHEMA_VERSION, num_stages=2, groups=list(schema.GROUPS[2]), group_size=schema.GROUP_SIZE,
+        num_candidates=schema.StageSetting(2).num_candidates, seq_len=schema.SEQ_LEN, time_zone=schema.TIME_ZONE,
+        vocab_sizes=dataset.vocab_sizes(schema.RECFLOW_ID_COUNTS), days={"2024-01-13": 5}))
+    assert dataset.load_meta(tmp_path).day_list == [dt.date(2024, 1, 13)]
+    path = tmp_path / schema.META_FILE
+    path.write_bytes(edit(path.read_text()).encode("utf-8", "surrogateescape"))
+    with pytest.raises(DataError) as info:
+        dataset.load_meta(tmp_path)
+    where = f"file {path}, column {column}: " if column else f"file {path}: "
+    assert str(info.value).startswith(where) and rule in str(info.value), str(info.value)
 
 
 def test_cli_reports_bad_input_with_nonzero_exit(broken_raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

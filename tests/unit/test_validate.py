@@ -90,3 +90,14 @@ def test_tampered_dataset_is_reported(tiny_dataset: Path, tmp_path: Path, capsys
     assert set(report.failures) == {"negative labels match their group", "hist_len = valid history positions"}
     assert cli.main(["--quiet", "validate", str(root)]) == 1
     assert "FAIL negative labels match their group" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder", [schema.ALL_STAGE_DIR, schema.REALSHOW_DIR])
+def test_lost_feather_file_is_reported_not_skipped(folder: str, tiny_raw: Path, tmp_path: Path) -> None:
+    root = _copy(tiny_raw, tmp_path)
+    day = raw.list_days(root)[-1]
+    path = raw.day_file(root, folder, day)
+    path.unlink()
+    assert raw.list_days(root)[-1] == day, "the day's other files still list it"
+    report = validate(root, progress=False)
+    assert report.failures["files readable, columns present and int64"] == [f"file {path}, day {day}: file is missing"]
