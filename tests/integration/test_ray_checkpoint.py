@@ -51,6 +51,9 @@ def _finish(proc: subprocess.Popen) -> str:
         out, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"ray_job did not finish within {TIMEOUT_S} s:\n{_stop(proc)[-4000:]}")
+    except BaseException:  # e.g. the suite's per-test timeout: leave no job (and no local Ray) behind
+        _stop(proc)
+        raise
     assert proc.returncode == 0, out[-6000:]
     return out
 
@@ -101,7 +104,12 @@ def runs(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     convert.convert(tiny_raw, data, num_stages=2, progress=False)
     plain = _finish(_start(data, root / "plain"))
     killed = _start(data, root / "killed")
-    killed_pid = _kill_a_worker_after_a_checkpoint(killed, root / "killed-ray")
+    try:
+        killed_pid = _kill_a_worker_after_a_checkpoint(killed, root / "killed-ray")
+    except BaseException:
+        if killed.poll() is None:
+            _stop(killed)
+        raise
     return {"root": root, "data": data, "plain_output": plain, "killed_output": _finish(killed), "killed_pid": killed_pid}
 
 
