@@ -24,11 +24,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from lcron_dist.distributed.process_group import RendezvousStore
+from lcron_dist.distributed.process_group import launch_local
 
 MIB = 2**20
 
@@ -156,18 +155,14 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         report = work / "report.json"
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // nprocs))
-        rendezvous = RendezvousStore()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous.port}",
-               str(Path(__file__).resolve()), "--config", args.config, "--work", str(work), "--report", str(report),
-               "--steps", str(args.steps), "--every-steps", str(args.every_steps), "--repeats", str(args.repeats),
-               "--warmup", str(args.warmup), *overrides]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        proc = launch_local(Path(__file__).resolve(), nprocs, [
+            "--config", args.config, "--work", str(work), "--report", str(report), "--steps", str(args.steps),
+            "--every-steps", str(args.every_steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+            *overrides], max(1, os.cpu_count() // nprocs), repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = proc.communicate()
         if proc.returncode != 0:
-            raise SystemExit(f"{nprocs} process(es) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            raise SystemExit(f"{nprocs} process(es) failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
         run = {"nprocs": nprocs, **json.loads(report.read_text())}
         shutil.rmtree(work, ignore_errors=True)
         run["cost"] = []

@@ -1,9 +1,14 @@
 """Scaling on this machine: requests/s, peak RSS per rank, and the share of step time in communication.
 
 For each config and process count it launches `torchrun` on this script; every rank builds the real
-Trainer, warms up, then runs N training steps under torch.profiler. Communication time is the CPU time
-of the collective ops the profiler records (gloo/NCCL all-reduce, all-to-all, reduce-scatter,
-all-gather, broadcast, and their waits); the share is that over the step time. Prints a markdown table.
+Trainer, warms up, then runs N training steps under torch.profiler. Communication time is the time of
+the data-parallel tables' gradient exchange (its whole profiler range, lcron/table_grads) plus the CPU
+time of every other collective op the profiler records (gloo/NCCL all-reduce, all-to-all,
+reduce-scatter, all-gather, broadcast, and their waits); the share is that over the step time.
+
+For each process count N > 1 it also runs N independent one-process jobs at once, each with the same
+threads: their summed requests/s is what this machine gives N processes that never talk (shared
+caches, memory bandwidth), the ceiling for N ranks. Prints a markdown table.
 
     python tools/bench_scaling.py --configs configs/tiny-2stage.toml configs/small-2stage.toml --nprocs 1 2 \\
         [--steps 8] [--threads T] [-- --data.path=... overrides]
@@ -21,15 +26,29 @@ import os
 import re
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from lcron_dist.distributed.process_group import RendezvousStore
+from lcron_dist.distributed.process_group import launch_local
+from lcron_dist.distributed.table_grads import EXCHANGE
 
 COMM = re.compile(r"all_?reduce|all_?to_?all|reduce_?scatter|all_?gather|broadcast|c10d|gloo|nccl|record_param_comms|"
                   r"wait_tensor|_wait", re.IGNORECASE)
+
+
+def communication_us(events) -> float:
+    """Microseconds in communication among profiler `events` (see the module docstring)."""
+    def inside_exchange(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name == EXCHANGE:
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(e.cpu_time_total if e.name == EXCHANGE else e.self_cpu_time_total for e in events
+               if e.name == EXCHANGE or (COMM.search(e.name) and not inside_exchange(e)))
 
 
 def worker(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -57,7 +76,7 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
         for batch in batches[args.warmup: args.warmup + args.steps]:
             trainer.train_step(batch)
         seconds = time.perf_counter() - start
-    comm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if COMM.search(e.key))
+    comm_us = communication_us(prof.events())
     mine = {
         "rank": trainer.dist.rank,
         "step_ms": seconds / args.steps * 1000,
@@ -89,41 +108,50 @@ def main() -> None:
         worker(args, overrides)
         return
 
-    repo = Path(__file__).resolve().parents[1]
     rows = []
     for config in args.configs:
         for nprocs in args.nprocs:
-            with tempfile.TemporaryDirectory() as tmp:
-                report = Path(tmp) / "report.json"
-                env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-                env["OMP_NUM_THREADS"] = str(args.threads or max(1, os.cpu_count() // nprocs))
-                rendezvous = RendezvousStore()
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
-                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous.port}",
-                       str(Path(__file__).resolve()), "--config", config, "--report", str(report),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       f"--run.dir={tmp}/run", *overrides]
-                proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{config} × {nprocs} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-                ranks = json.loads(report.read_text())
+            threads = args.threads or max(1, os.cpu_count() // nprocs)
+            ranks = run_jobs(config, [nprocs], threads, args, overrides)
             total = sum(r["requests_per_s"] for r in ranks) / len(ranks) * nprocs
-            rows.append((config, nprocs, ranks, total))
-            print(f"  {config} × {nprocs}: {total:,.0f} requests/s", flush=True)
+            ceiling = (sum(r["requests_per_s"] for r in run_jobs(config, [1] * nprocs, threads, args, overrides))
+                       if nprocs > 1 else None)
+            rows.append((config, nprocs, ranks, total, ceiling))
+            print(f"  {config} × {nprocs}: {total:,.0f} requests/s"
+                  + (f"; {nprocs} independent 1-process jobs: {ceiling:,.0f}" if ceiling else ""), flush=True)
 
     threads = f"{args.threads}" if args.threads else "cores / processes"
     print(f"\nmachine: {os.cpu_count()} cores; {args.steps} timed steps after {args.warmup} warm-up; "
           f"torch threads per rank: {threads}\n")
-    print("| config | processes x threads | requests/s (all ranks) | vs 1 process | step ms (per rank) | "
-          "peak RSS MiB (per rank) | communication share (per rank) |")
-    print("|---|---|---|---|---|---|---|")
-    single = {config: total for config, nprocs, _, total in rows if nprocs == 1}
-    for config, nprocs, ranks, total in rows:
+    print("| config | processes x threads | requests/s (all ranks) | vs 1 process | independent jobs (ceiling) | "
+          "vs ceiling | step ms (per rank) | peak RSS MiB (per rank) | communication share (per rank) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    single = {config: total for config, nprocs, _, total, _ in rows if nprocs == 1}
+    for config, nprocs, ranks, total, ceiling in rows:
         def each(key: str, fmt: str) -> str:
             return " / ".join(format(r[key], fmt) for r in ranks)
         speedup = f"{total / single[config]:.2f}x" if config in single else "-"
-        print(f"| {Path(config).stem} | {nprocs} x {ranks[0]['threads']} | {total:,.0f} | {speedup} | "
-              f"{each('step_ms', '.0f')} | {each('peak_rss_mib', ',.0f')} | {each('comm_share', '.0%')} |")
+        independent = (f"{ceiling:,.0f} ({ceiling / single[config]:.2f}x)" if ceiling and config in single
+                       else f"{ceiling:,.0f}" if ceiling else "-")
+        print(f"| {Path(config).stem} | {nprocs} x {ranks[0]['threads']} | {total:,.0f} | {speedup} | {independent} | "
+              f"{f'{total / ceiling:.0%}' if ceiling else '-'} | {each('step_ms', '.0f')} | "
+              f"{each('peak_rss_mib', ',.0f')} | {each('comm_share', '.0%')} |")
+
+
+def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespace, overrides: list[str]) -> list[dict]:
+    """Launch one torchrun job per entry of `sizes` (its process count), all at once; every rank's report."""
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [Path(tmp, f"log{i}.txt").open("w") for i in range(len(sizes))]
+        jobs = [launch_local(Path(__file__).resolve(), n, [
+            "--config", config, "--report", f"{tmp}/report{i}.json", "--steps", str(args.steps),
+            "--warmup", str(args.warmup), f"--run.dir={tmp}/run{i}", *overrides], threads, repo,
+            stdout=logs[i], stderr=subprocess.STDOUT) for i, n in enumerate(sizes)]
+        for i, job in enumerate(jobs):
+            if job.wait() != 0:
+                raise SystemExit(f"{config} × {sizes[i]} failed:\n{Path(tmp, f'log{i}.txt').read_text()[-4000:]}")
+            logs[i].close()
+        return [rank for i in range(len(sizes)) for rank in json.loads(Path(tmp, f"report{i}.json").read_text())]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,6 +44,23 @@ class RendezvousStore:
     @property
     def env(self) -> dict[str, str]:
         return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
+def launch_local(script: Path, nprocs: int, args: list[str], threads: int, cwd: Path,
+                 **popen: object) -> subprocess.Popen:
+    """torchrun of `script args` as `nprocs` processes on this machine, `threads` torch threads each.
+
+    Its rendezvous endpoint is served by this process until the launch is collected; RANK, WORLD_SIZE
+    and LOCAL_RANK of a launching process are not passed on. The caller waits for the Popen.
+    """
+    rendezvous = RendezvousStore()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{rendezvous.port}", str(script), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, **popen)
+    proc.rendezvous = rendezvous  # served until the launch is collected
+    return proc
 
 
 def init_distributed() -> DistInfo:

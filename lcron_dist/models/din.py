@@ -92,6 +92,23 @@ def attention_pool(logits: torch.Tensor, history: torch.Tensor, history_mask: to
     return weights @ history  # [B, N, E]
 
 
+def batch_dynamic(compiled):
+    """`compiled` with only the batch dimension of its [B, ...] arguments symbolic.
+
+    The candidate, history and hidden sizes stay constants of the generated code, which vectorises
+    better (the compiled forward at B=1024 took 20 ms instead of 40 with every size symbolic, two
+    CPU threads); a day's last, smaller batch reuses the code instead of recompiling.
+    """
+
+    def call(*args):
+        for arg in args:
+            if arg.dim() >= 3:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        return compiled(*args)
+
+    return call
+
+
 class DIN(nn.Module):
     """Target attention over the history, then an MLP head on [user ‖ interest ‖ item].
 
@@ -111,7 +128,7 @@ class DIN(nn.Module):
         self.attention_out = nn.Linear(attention_hidden, 1)
         self.head = build_mlp(user_dim + history_dim + item_dim, hidden, out_dim=1)
         functions = (attention_logits, masked_grad_sums)
-        self.attention_functions = tuple(torch.compile(f, dynamic=True) for f in functions) if compile else functions
+        self.attention_functions = tuple(batch_dynamic(torch.compile(f)) for f in functions) if compile else functions
 
     def split_attention_input(self, x: StageInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The first attention layer, split into its history part [B, L, A] and target part [B, N, A]."""
