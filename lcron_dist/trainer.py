@@ -164,14 +164,18 @@ class Trainer:
                                 keep_until=self.progress.step if resumed else None)
 
     @functools.cached_property
-    def train_days(self) -> list[dt.date]:
-        """data.train_days resolved against the dataset (checked on first use: lcron-stream does not use them)."""
-        return resolve_days(self.config, self.reader.meta.day_list)[0]
+    def days(self) -> tuple[list[dt.date], dt.date]:
+        """(training days, test day): data.train_days and data.test_day resolved against the dataset
+        (checked on first use: lcron-stream does not use them)."""
+        return resolve_days(self.config, self.reader.meta.day_list)
 
-    @functools.cached_property
+    @property
+    def train_days(self) -> list[dt.date]:
+        return self.days[0]
+
+    @property
     def test_day(self) -> dt.date:
-        """data.test_day resolved against the dataset."""
-        return resolve_days(self.config, self.reader.meta.day_list)[1]
+        return self.days[1]
 
     # ---- checkpoints --------------------------------------------------------------------------
 

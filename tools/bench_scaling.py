@@ -135,7 +135,7 @@ def main() -> None:
                        else f"{ceiling:,.0f}" if ceiling else "-")
         print(f"| {Path(config).stem} | {nprocs} x {ranks[0]['threads']} | {total:,.0f} | {speedup} | {independent} | "
               f"{f'{total / ceiling:.0%}' if ceiling else '-'} | {each('step_ms', '.0f')} | "
-              f"{each('peak_rss_mib', ',.0f')} | {each('comm_share', '.0%')} |")
+              f"{each('peak_rss_mib', ',.0f')} | {each('comm_share', '.1%')} |")
 
 
 def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespace, overrides: list[str]) -> list[dict]:

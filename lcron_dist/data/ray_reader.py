@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lcron_dist.data import dataset
+from lcron_dist.data.ray_tasks import keep_requests
 from lcron_dist.data.reader import DayArrays, DayReader, table_to_arrays
 
 
@@ -30,7 +30,14 @@ def init_ray(address: str, num_cpus: int, object_store_mb: int, local_rank: int 
     free slot even while train workers hold theirs, or the job waits forever.
     """
     import ray
+    from ray.data import DataContext
 
+    context = DataContext.get_current()  # of this process, which builds the datasets
+    context.enable_progress_bars = False
+    # Ray Data's V2 Parquet path starts a pool of footer-reading actors (new Python processes) for every
+    # read: one day of one rank each, dozens per job. Our day shards are few and small; V1 reads their
+    # footers in the process that builds the dataset.
+    context.use_datasource_v2 = False
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
@@ -49,12 +56,6 @@ def init_ray(address: str, num_cpus: int, object_store_mb: int, local_rank: int 
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no local Ray started by local rank 0 within {wait_s:.0f} s") from None
                 time.sleep(0.5)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-def _keep(batch: pa.Table, wanted: np.ndarray) -> pa.Table:
-    """Ray task body: the rows of `batch` whose request id this rank wants."""
-    return batch.filter(pc.is_in(batch.column("request_id"), value_set=pa.array(wanted)))
 
 
 class RayReader(DayReader):
@@ -80,7 +81,7 @@ class RayReader(DayReader):
         ids = pq.read_table(files, columns=["request_id"], partitioning=None).column("request_id").to_numpy()
         wanted = ids[rows]
         ds = ray.data.read_parquet(files, partitioning=None, schema=dataset.arrow_schema(self.meta.num_candidates))
-        ds = ds.map_batches(_keep, fn_kwargs={"wanted": np.sort(wanted)}, batch_format="pyarrow", batch_size=None)
+        ds = ds.map_batches(keep_requests, fn_kwargs={"wanted": np.sort(wanted)}, batch_format="pyarrow", batch_size=None)
         refs = ds.to_arrow_refs()
         table = pa.concat_tables(ray.get(refs)) if refs else dataset.arrow_schema(self.meta.num_candidates).empty_table()
         arrays = table_to_arrays(table)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lcron_dist.config.job_config import JobConfig
-from lcron_dist.distributed.sharding import fused_if_available
+from lcron_dist.distributed.optimizers import fused_if_available
 
 # DeepSpeed picks its accelerator at import time.
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")

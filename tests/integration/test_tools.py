@@ -116,6 +116,16 @@ def test_lcron_plan_states_checkpoint_bytes_per_rank(tmp_path: Path) -> None:
     assert abs(total - (once + sum(expected.values())) / 2**20) <= 0.05
 
 
+def test_bench_scaling_reports_communication_and_the_independent_ceiling(tiny_raw: Path, tmp_path: Path) -> None:
+    out = _tool(tmp_path, tiny_raw, "tools/bench_scaling.py", "--configs", "configs/tiny-2stage.toml", "--nprocs", "2",
+                "--threads", "1", "--steps", "2", "--warmup", "1")
+    row = next(line for line in out.splitlines() if line.startswith("| tiny-2stage | 2 x 1 |"))
+    cells = [cell.strip() for cell in row.strip("| ").split("|")]
+    assert float(cells[4].replace(",", "")) > 0, "two independent one-process jobs ran"
+    shares = [float(share.rstrip("%")) for share in cells[-1].split(" / ")]
+    assert len(shares) == 2 and all(0 < share < 100 for share in shares), "each rank's exchange is counted"
+
+
 def test_bench_checkpoint_times_saves_and_loads_and_sizes_each_rank(tiny_raw: Path, tmp_path: Path) -> None:
     out = _tool(tmp_path, tiny_raw, "tools/bench_checkpoint.py", "--config", "configs/tiny-2stage.toml",
                 "--nprocs", "1", "--steps", "4", "--every-steps", "2", "--repeats", "1", "--warmup", "1",
