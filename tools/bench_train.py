@@ -90,6 +90,8 @@ def main() -> None:
     rows: dict[str, list[dict]] = {"ref": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         ref_root = Path(tmp) / "ref"
+        # A run killed by a signal never reached its `worktree remove`: forget worktrees whose folder is gone.
+        subprocess.run(["git", "-C", REPO, "worktree", "prune"], check=True)
         subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "--quiet", ref_root, args.ref], check=True)
         try:
             for repeat in range(args.repeats):

@@ -57,21 +57,18 @@ class Batch:
         fill slot 0, candidate features (cand_*) slots 0..N-1, history features (hist_*) slots 0..L-1.
         An EmbeddingBagCollection then returns, per feature, a [B·M, D] tensor that is a [B, M, D]
         view, and candidate and history features of the same kind can share one table (one module,
-        one stride), whichever sharding TorchRec applies.
+        one stride), whichever sharding TorchRec applies. Keys come in schema.ID_FEATURE_KEYS order.
         """
         b, m = self.size, self.num_slots
-        device = self.item.device
-        slot = torch.arange(m, device=device)
-        parts = [
-            (schema.USER_FEATURES, self.user, 1),
-            (tuple(f"cand_{name}" for name in schema.ITEM_FEATURES), self.item, self.item.shape[-1]),
-            (tuple(f"hist_{name}" for name in schema.HISTORY_FEATURES), self.history, self.history.shape[-1]),
-        ]
-        keys: list[str] = []
-        values, lengths = [], []
-        for names, ids, used in parts:
-            keys += names
-            values.append(ids.reshape(-1))
-            # [F, B, M]: 1 where the slot holds an id; bags are consecutive per feature, then request.
-            lengths.append((slot < used).to(torch.int32).expand(len(names), b, m).reshape(-1))
-        return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+        slot = torch.arange(m, device=self.item.device)
+        values, lengths = {}, {}
+        for names, prefix, ids in ((schema.USER_FEATURES, "", self.user.unsqueeze(-1)),
+                                   (schema.ITEM_FEATURES, "cand_", self.item),
+                                   (schema.HISTORY_FEATURES, "hist_", self.history)):  # ids: [K, B, used slots]
+            # [B, M]: 1 where the slot holds an id; bags are consecutive per feature, then request.
+            present = (slot < ids.shape[-1]).to(torch.int32).expand(b, m).reshape(-1)
+            for name, column in zip(names, ids):
+                values[prefix + name], lengths[prefix + name] = column.reshape(-1), present
+        keys = list(schema.ID_FEATURE_KEYS)
+        return KeyedJaggedTensor(keys=keys, values=torch.cat([values[k] for k in keys]),
+                                 lengths=torch.cat([lengths[k] for k in keys]))

@@ -18,7 +18,7 @@ from lcron_dist.models import Cascade
 from lcron_dist.models.din import DIN
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.data.batch import Batch
-from lcron_dist.models.embeddings import SLOT_GROUPS, StageEmbeddings, StageInputs
+from lcron_dist.models.embeddings import SLOT_GROUPS, StageEmbeddings, StageInputs, table_configs
 
 
 def _inputs(b: int = 3, n: int = 7, length: int = 6, d: int = 4, seed: int = 0) -> StageInputs:
@@ -247,3 +247,12 @@ def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_si
             torch.testing.assert_close(p.grad, reference[name].weight.grad, rtol=1e-5, atol=1e-6, msg=name)
     finally:
         teardown()
+
+
+def test_id_features_come_in_the_order_of_the_tables(tiny_dataset: Path) -> None:
+    """TorchRec takes a KeyedJaggedTensor without permuting it when its keys follow the tables' features."""
+    reader = LocalReader(tiny_dataset, batch_size=4)
+    batch = next(reader.iter_day(reader.meta.day_list[0], shuffle=False))
+    tables = table_configs("ranking", reader.meta.vocab_sizes, 4)
+    assert batch.id_features().keys() == [name for table in tables for name in table.feature_names]
+
