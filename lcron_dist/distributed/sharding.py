@@ -31,7 +31,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from lcron_dist.config.job_config import JobConfig
 from lcron_dist.distributed.optimizers import fused_if_available
-from lcron_dist.distributed.table_grads import register_table_grad_hooks
+from lcron_dist.distributed.table_grads import skip_single_rank_reduction
 
 FUSED_OPTIMIZERS = {
     "adam": EmbOptimType.ADAM,
@@ -268,7 +268,7 @@ def apply_sharding(model: nn.Module, config: JobConfig, device: torch.device, wo
     )
     if device.type == "cpu" and ShardingType.DATA_PARALLEL.value in sharding_types(dmp).values():
         silence_dense_lookup_warning()
-    register_table_grad_hooks(dmp, config.model.emb_dim, device)
+    skip_single_rank_reduction(dmp)
     return dmp, describe_plan(placements(planner), world_size)
 
 
