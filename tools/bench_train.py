@@ -10,6 +10,9 @@ Both sides run with the same config name (each from its own tree), overrides, en
 unless overridden, every day of the dataset but the last trains and the last tests.
 The dataset defaults to a 2-day twin of 20,000 requests per day (the `medium` preset's size), written
 on first use. Prints a markdown table and writes OUT/bench_train.md and OUT/bench_train.json.
+Besides the ratio of the two sides' medians, the table gives the median and range of the ratios of
+each back-to-back pair (ref run i, ours run i): on a shared machine whose speed drifts between runs,
+a pair sees the same conditions more nearly than two medians do.
 
     python tools/bench_train.py --ref 4e9a2db [--config configs/recflow-2stage.toml] [--data DATASET]
         [--repeats 2] [--out DIR] [--section.field=value ...]
@@ -113,14 +116,17 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"config {args.config} {' '.join(overrides)}; data {args.data}; {os.cpu_count()} cores; "
              f"torch threads per process: {os.environ.get('OMP_NUM_THREADS', 'torch default')}; median of {args.repeats} alternating runs per side",
-             "", f"| measure | ref {args.ref} | ours ({commit} + working tree) | ours / ref |", "|---|---|---|---|"]
+             "", f"| measure | ref {args.ref} | ours ({commit} + working tree) | ours / ref | ours / ref per pair: median (range) |",
+             "|---|---|---|---|---|"]
+    pairs = {key: [o[key] / r[key] for r, o in zip(rows["ref"], rows["ours"])] for key, _ in keys}
     for key, label in keys:
         ref, ours = median["ref"][key], median["ours"][key]
-        lines.append(f"| {label} | {ref:,.4g} | {ours:,.4g} | {ours / ref:.2f}x |")
+        lines.append(f"| {label} | {ref:,.4g} | {ours:,.4g} | {ours / ref:.2f}x | {statistics.median(pairs[key]):.2f}x "
+                     f"({min(pairs[key]):.2f}-{max(pairs[key]):.2f}) |")
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_train.md").write_text(text + "\n")
-    (args.out / "bench_train.json").write_text(json.dumps({"runs": rows, "median": median}, indent=2) + "\n")
+    (args.out / "bench_train.json").write_text(json.dumps({"runs": rows, "median": median, "pair_ratios": pairs}, indent=2) + "\n")
     print(f"\n{text}\n\nwritten to {args.out / 'bench_train.md'}")
 
 
