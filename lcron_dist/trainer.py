@@ -11,10 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import platform
 import random
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from lcron_dist.components.checkpoint import (
     Checkpointer,
     config_changes,
     first_mismatch,
+    library_versions,
 )
 from lcron_dist.components.logging import MetricsSink, build_logger
 from lcron_dist.components.profiling import (
@@ -83,17 +82,6 @@ def resolve_days(config: JobConfig, available: list[dt.date]) -> tuple[list[dt.d
     if any(d >= test_day for d in train_days):
         raise ValueError(f"training days must come before the test day {test_day}")
     return train_days, test_day
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the stack a checkpoint was written with (for its manifest)."""
-    versions = {"python": platform.python_version()}
-    for package in ("lcron-dist", "torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "deepspeed", "ray", "pyarrow"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 class Trainer:

@@ -24,10 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +251,14 @@ class Checkpointer:
 
 CheckpointCallback = Callable[[Path, dict], None]
 """Called on every rank after a commit with the folder and its manifest (launch/ray_job.py reports it)."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the stack a checkpoint was written with (for its manifest)."""
+    versions = {"python": platform.python_version()}
+    for package in ("lcron-dist", "torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "deepspeed", "ray", "pyarrow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lcron_dist.components.checkpoint import library_versions
 from lcron_dist.data import dataset, schema
 from lcron_dist.models import Cascade
 from lcron_dist.serving.catalogue import (
@@ -30,7 +31,6 @@ from lcron_dist.serving.catalogue import (
 from lcron_dist.serving.programs import ItemTower, build_serving_modules, export_program, quantize_tables
 from lcron_dist.serving.restore import restore_cascade, table_vocab_sizes
 from lcron_dist.serving.runtime import MANIFEST
-from lcron_dist.trainer import library_versions
 
 FORMAT_VERSION = 1
 ITEM_EMBEDDINGS = "item_embeddings.parquet"
