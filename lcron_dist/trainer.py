@@ -52,7 +52,7 @@ from lcron_dist.distributed.sharding import (
     table_state_layout,
 )
 from lcron_dist.losses import build_loss
-from lcron_dist.metrics import CascadeMetrics
+from lcron_dist.metrics import CascadeMetrics, metrics_summary
 from lcron_dist.models import Cascade
 
 
@@ -122,12 +122,7 @@ class Trainer:
         loss = build_loss(config.loss.name, num_stages=config.model.num_stages, **config.loss.options)
         model = Cascade(config.model, meta.vocab_sizes, loss, device="meta")
         model.dense.to(self.device)
-        self.signature = {  # what a checkpoint must match to load into this model
-            "num_stages": config.model.num_stages,
-            "tables": {t.name: [t.num_embeddings, t.embedding_dim] for m in model.sparse.values()
-                       for t in m.ebc.embedding_bag_configs()},
-            "dense": {name: list(p.shape) for name, p in model.dense.named_parameters()},
-        }
+        self.signature = model.signature()  # what a checkpoint must match to load into this model
         slots = max(meta.num_candidates, meta.seq_len)  # Batch.num_slots: the KJT's bags per request
         self.model, plan = apply_sharding(model, config, self.device, self.dist.world_size, slots)
         apply_table_init(self.model, seed)
@@ -419,8 +414,7 @@ class Trainer:
             "seed": self.config.train.seed,
             "test_day": str(self.test_day),
             "train_days": [str(d) for d in self.train_days],
-            "joint_recall": metrics["joint_recall"],
-            "stages": {s: {"recall": metrics[f"{s}/recall"], "ndcg@10": metrics[f"{s}/ndcg@10"]} for s in self.stages},
+            **metrics_summary(metrics, self.stages),
             "train_requests": self.progress.requests,
             "train_seconds": self.progress.seconds,
             "train_requests_per_s": self.progress.requests / max(self.progress.seconds, 1e-9),

@@ -51,3 +51,10 @@ class CascadeMetrics:
         result = dict(zip(self.names, means))
         result["requests"] = int(count)
         return result
+
+
+def metrics_summary(metrics: dict[str, float], stages: tuple[str, ...] | list[str]) -> dict:
+    """CascadeMetrics.compute() in the shape results.json reports it: joint_recall, and recall and
+    NDCG@10 per stage (lcron-train's results and lcron-score's report)."""
+    return {"joint_recall": metrics["joint_recall"],
+            "stages": {s: {"recall": metrics[f"{s}/recall"], "ndcg@10": metrics[f"{s}/ndcg@10"]} for s in stages}}

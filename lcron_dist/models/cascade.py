@@ -63,6 +63,15 @@ class Cascade(nn.Module):
         self.sparse = nn.ModuleDict({s: StageEmbeddings(s, vocab_sizes, config.emb_dim, device) for s in self.stages})
         self.dense = CascadeDense(config, loss)
 
+    def signature(self) -> dict:
+        """What a checkpoint of this model records and must match to load: stages, table and dense shapes."""
+        return {
+            "num_stages": len(self.stages),
+            "tables": {t.name: [t.num_embeddings, t.embedding_dim] for m in self.sparse.values()
+                       for t in m.ebc.embedding_bag_configs()},
+            "dense": {name: list(p.shape) for name, p in self.dense.named_parameters()},
+        }
+
     def forward(self, batch: Batch, compute_loss: bool = True):
         with record_function("lcron/embedding"):  # input distribution and lookup of every stage's tables
             features = batch.id_features()

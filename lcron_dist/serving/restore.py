@@ -33,16 +33,6 @@ def table_vocab_sizes(tables: dict[str, list[int]]) -> dict[str, int]:
     return sizes
 
 
-def cascade_signature(model: Cascade) -> dict:
-    """What the checkpoint manifest's `model` entry records (Trainer.signature) for `model`."""
-    return {
-        "num_stages": len(model.stages),
-        "tables": {t.name: [t.num_embeddings, t.embedding_dim] for m in model.sparse.values()
-                   for t in m.ebc.embedding_bag_configs()},
-        "dense": {name: list(p.shape) for name, p in model.dense.named_parameters()},
-    }
-
-
 @torch.no_grad()
 def restore_cascade(path: str | Path) -> tuple[Cascade, Path, dict]:
     """The trained cascade of a checkpoint (unsharded, CPU, eval mode), its folder and its manifest.
@@ -62,7 +52,7 @@ def restore_cascade(path: str | Path) -> tuple[Cascade, Path, dict]:
     model_config = ModelConfig(**{**config["model"], "compile": False})  # compiling only pays off in training
     loss = build_loss(config["loss"]["name"], num_stages=model_config.num_stages, **config["loss"]["options"])
     model = Cascade(model_config, table_vocab_sizes(manifest["model"]["tables"]), loss, device="cpu")
-    mismatch = first_mismatch(manifest["model"], cascade_signature(model), "model")
+    mismatch = first_mismatch(manifest["model"], model.signature(), "model")
     if mismatch:
         raise CheckpointError(f"checkpoint {path} does not match the model its config describes: {mismatch}")
     weights = model.state_dict()  # detached views of the parameters: DCP reads into them in place

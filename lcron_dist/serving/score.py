@@ -28,7 +28,7 @@ from lcron_dist.data import dataset, schema
 from lcron_dist.data.batch import Batch
 from lcron_dist.data.errors import DataError
 from lcron_dist.data.reader import DayArrays, LocalReader, make_batch, plan_batches
-from lcron_dist.metrics import CascadeMetrics
+from lcron_dist.metrics import CascadeMetrics, metrics_summary
 from lcron_dist.serving.catalogue import check_dataset
 from lcron_dist.serving.runtime import MANIFEST, ExportedCascade, read_export_manifest
 
@@ -128,12 +128,6 @@ def latency(cascade: ExportedCascade, arrays: DayArrays, meta: dataset.DatasetMe
             "p99_ms": float(np.percentile(times, 99))}
 
 
-def stage_report(metrics: dict[str, float], stages: list[str]) -> dict:
-    """The metrics in results.json's shape: joint_recall, and recall and NDCG@10 per stage."""
-    return {"joint_recall": metrics["joint_recall"],
-            "stages": {s: {"recall": metrics[f"{s}/recall"], "ndcg@10": metrics[f"{s}/ndcg@10"]} for s in stages}}
-
-
 def export_bytes(cascade: ExportedCascade) -> int:
     """Bytes of the export's files (programs, item index, manifest)."""
     return sum(cascade.manifest["files"].values())
@@ -150,7 +144,7 @@ def score(export: Path, data: Path, day: dt.date, batch_size: int = SERVING_BATC
     video = torch.from_numpy(arrays["cand_video_id"][arrays["cand_mask"] != 0].astype(np.int64))
     report = {
         "export": str(export), "dtype": cascade.manifest["dtype"], "day": str(day), "requests": metrics["requests"],
-        **stage_report(metrics, cascade.stages),
+        **metrics_summary(metrics, cascade.stages),
         "evaluation_layout": layout,
         "not_indexed_candidates": int((~cascade.is_indexed(video)).sum()),
         "serving": {"latency": latency(cascade, arrays, meta, latency_requests),
@@ -169,7 +163,7 @@ def score(export: Path, data: Path, day: dt.date, batch_size: int = SERVING_BATC
         ref_metrics = evaluate(ref.stages, ref_scores, arrays, meta, day, layout)
         mask = torch.from_numpy(arrays["cand_mask"] != 0)
         report["reference"] = {
-            "export": str(reference), "dtype": ref.manifest["dtype"], **stage_report(ref_metrics, ref.stages),
+            "export": str(reference), "dtype": ref.manifest["dtype"], **metrics_summary(ref_metrics, ref.stages),
             "joint_recall_difference": metrics["joint_recall"] - ref_metrics["joint_recall"],
             "max_abs_score_difference": {stage: (a - b)[mask].abs().max().item()
                                          for stage, a, b in zip(cascade.stages, scores, ref_scores)},
