@@ -37,7 +37,6 @@ COMM = re.compile(r"all_?reduce|all_?to_?all|reduce_?scatter|all_?gather|broadca
                   r"wait_tensor|_wait", re.IGNORECASE)
 
 
-
 def worker(args: argparse.Namespace, overrides: list[str]) -> None:
     """One rank: time `steps` training steps and report to rank 0, which writes args.report."""
     import torch

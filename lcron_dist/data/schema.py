@@ -151,15 +151,17 @@ HISTORY_FEATURES: tuple[str, ...] = (
 )
 """Per-history-position id features, stored as hist_<name>: fixed_size_list<int32, 50>."""
 
-ID_FEATURE_KEYS: tuple[str, ...] = (
-    *USER_FEATURES,
-    *(key for kind in ITEM_FEATURES
-      for key in ((f"cand_{kind}", f"hist_{kind}") if kind in HISTORY_FEATURES else (f"cand_{kind}",))),
-)
-"""The keys of a batch's KeyedJaggedTensor (Batch.id_features), in the order of the tables that embed
-them: one table per user kind, then per item kind, whose candidate feature comes before the history
-feature it shares the table with. In this order TorchRec's sharded collections take the features as
-they come, without permuting them per batch."""
+TABLE_FEATURES: dict[str, tuple[str, ...]] = {
+    **{kind: (kind,) for kind in USER_FEATURES},
+    **{kind: ((f"cand_{kind}", f"hist_{kind}") if kind in HISTORY_FEATURES else (f"cand_{kind}",))
+       for kind in ITEM_FEATURES},
+}
+"""The features each kind's table embeds (a stage has one table per kind), in table order: user kinds,
+then item kinds, a candidate feature before the history feature that shares its table."""
+
+ID_FEATURE_KEYS: tuple[str, ...] = tuple(name for names in TABLE_FEATURES.values() for name in names)
+"""The keys of a batch's KeyedJaggedTensor (Batch.id_features), in the tables' feature order: in this
+order TorchRec's sharded collections take the features as they come, without permuting them per batch."""
 
 TIME_VOCAB: dict[str, int] = {"weekday": 8, "hour": 25, "minute": 61}
 """Time features are 1-based (0 = padding), so a table needs these many rows."""

@@ -38,22 +38,10 @@ class StageInputs:
 
 
 def table_configs(stage: str, vocab_sizes: dict[str, int], dim: int) -> list[EmbeddingBagConfig]:
-    """The tables of one stage, named '<stage>__<kind>'."""
-    shared = set(schema.HISTORY_FEATURES)
-    kinds = list(dict.fromkeys([*schema.USER_FEATURES, *schema.ITEM_FEATURES]))
-    configs = []
-    for kind in kinds:
-        if kind in schema.USER_FEATURES:
-            features = [kind]
-        elif kind in shared:
-            features = [f"cand_{kind}", f"hist_{kind}"]
-        else:
-            features = [f"cand_{kind}"]
-        configs.append(EmbeddingBagConfig(
-            name=f"{stage}__{kind}", embedding_dim=dim, num_embeddings=vocab_sizes[kind],
-            feature_names=features, pooling=PoolingType.SUM,
-        ))
-    return configs
+    """The tables of one stage, named '<stage>__<kind>' (schema.TABLE_FEATURES)."""
+    return [EmbeddingBagConfig(name=f"{stage}__{kind}", embedding_dim=dim, num_embeddings=vocab_sizes[kind],
+                               feature_names=list(features), pooling=PoolingType.SUM)
+            for kind, features in schema.TABLE_FEATURES.items()]
 
 
 class StageEmbeddings(nn.Module):
