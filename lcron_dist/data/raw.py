@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import gc
 import operator
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -55,8 +56,20 @@ def list_days(root: Path) -> list[dt.date]:
     return sorted(days)
 
 
-_DATA, _DTYPE, _SHAPE, _ORDER = range(4)
-"""Fields of a raw array record: the arguments numpy pickles an array with (protocol 5)."""
+class _Record(NamedTuple):
+    """Where an array's fields sit in a raw record, and the memory order that allows joining its bytes."""
+
+    data: int
+    dtype: int
+    shape: int
+    order: int
+    c_order: Any
+
+
+_P5_RECORD = _Record(data=0, dtype=1, shape=2, order=3, c_order="C")
+"""Protocol 5: numpy's _frombuffer(data, dtype, shape, order), kept as the tuple of its arguments."""
+_P4_RECORD = _Record(data=4, dtype=2, shape=1, order=3, c_order=False)
+"""Protocol <= 4: numpy's array state (version, shape, dtype, is_fortran, data)."""
 
 
 def _frombuffer(*record: Any) -> tuple:
@@ -69,22 +82,25 @@ def _frombuffer(*record: Any) -> tuple:
     return record
 
 
-class _PendingArray:
-    """Protocol <= 4 builds an array in two steps (_reconstruct, then __setstate__ with the bytes)."""
+class _ArrayState(list):
+    """Protocol <= 4 builds an array in two steps: numpy's _reconstruct makes an empty array, then the
+    BUILD opcode hands it its state. Both steps stay in C here: _reconstruct makes an empty list of this
+    type (a partial of list.__new__, which ignores arguments), and __setstate__ appends the state."""
 
-    __slots__ = ("record",)
-
-    def __setstate__(self, state: tuple) -> None:
-        _, shape, dtype, fortran, data = state
-        self.record = (data, dtype, tuple(shape), "F" if fortran else "C")
-
-
-def _reconstruct(cls: Any, shape: tuple, dtype: Any) -> _PendingArray:
-    return _PendingArray()
+    __slots__ = ()
+    __setstate__ = list.append
 
 
-def _record_to_numpy(record: tuple) -> np.ndarray:
-    return np.frombuffer(record[_DATA], dtype=record[_DTYPE]).reshape(record[_SHAPE], order=record[_ORDER])
+_reconstruct = functools.partial(list.__new__, _ArrayState)
+
+
+def _record_to_numpy(record: tuple, fields: _Record) -> np.ndarray | None:
+    """The array a raw record describes; None where its data are not a buffer (an object array)."""
+    dtype = np.dtype(record[fields.dtype])
+    if dtype.hasobject:
+        return None
+    order = "C" if record[fields.order] == fields.c_order else "F"
+    return np.frombuffer(record[fields.data], dtype=dtype).reshape(record[fields.shape], order=order)
 
 
 @contextlib.contextmanager
@@ -113,11 +129,6 @@ class _DayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _resolve(values: list) -> list:
-    """Finish arrays that protocol <= 4 pickles delivered in two steps."""
-    return [v.record if type(v) is _PendingArray else v for v in values]
-
-
 def join_rows(
     arrays: list, width: int, what: str, path: Path, day: dt.date | None, column: str | None = None,
     head: int | None = None, keys: np.ndarray | None = None,
@@ -132,28 +143,35 @@ def join_rows(
         rows: [sum min(n_i, head), width] int64;
         lengths: [len(arrays)] int64, each array's n_i (before `head`).
     """
-    if _PendingArray in set(map(type, arrays)):
-        arrays = _resolve(arrays)
-    if set(map(type, arrays)) <= {tuple}:
-        dtypes = set(map(operator.itemgetter(_DTYPE), arrays))
-        shapes = list(map(operator.itemgetter(_SHAPE), arrays))
-        good = (len(dtypes) <= 1 and all(np.dtype(d).kind in "iu" for d in dtypes)
-                and set(map(len, shapes)) <= {2} and set(map(operator.itemgetter(1), shapes)) <= {width}
-                and set(map(operator.itemgetter(_ORDER), arrays)) <= {"C"})
+    kinds = set(map(type, arrays))
+    if kinds == {_ArrayState}:
+        records, fields = list(map(operator.itemgetter(0), arrays)), _P4_RECORD
+    elif kinds == {tuple}:
+        records, fields = arrays, _P5_RECORD
+    else:
+        fields = None
+    if fields is not None:
+        dtypes = set(map(operator.itemgetter(fields.dtype), records))
+        shapes = list(map(operator.itemgetter(fields.shape), records))
+        good = (len(dtypes) == 1 and all(np.dtype(d).kind in "iu" for d in dtypes)
+                and set(map(len, shapes)) == {2} and set(map(operator.itemgetter(1), shapes)) == {width}
+                and set(map(operator.itemgetter(fields.order), records)) == {fields.c_order})
         if good:
-            dtype = np.dtype(dtypes.pop()) if dtypes else np.dtype(np.int64)
+            dtype = np.dtype(dtypes.pop())
             lengths = np.fromiter(map(operator.itemgetter(0), shapes), dtype=np.int64, count=len(shapes))
-            data = map(operator.itemgetter(_DATA), arrays)
+            data = map(operator.itemgetter(fields.data), records)
             if head is not None and lengths.max(initial=0) > head:
                 data = map(operator.itemgetter(slice(head * width * dtype.itemsize)), map(memoryview, data))
             flat = np.frombuffer(b"".join(data), dtype=dtype)
             return flat.reshape(-1, width).astype(np.int64, copy=False), lengths
-        arrays = [_record_to_numpy(a) if type(a) is tuple else a for a in arrays]
+    if kinds & {tuple, _ArrayState}:
+        arrays = [_record_to_numpy(a[0], _P4_RECORD) if type(a) is _ArrayState else
+                  _record_to_numpy(a, _P5_RECORD) if type(a) is tuple else a for a in arrays]
     arrays = list(map(_as_array, arrays))
     bad = next((i for i, a in enumerate(arrays)
                 if a is None or a.ndim != 2 or a.shape[1] != width or a.dtype.kind not in "iu"), None)
     if bad is not None:
-        found = "a ragged nested list" if arrays[bad] is None else f"{arrays[bad].dtype} {list(arrays[bad].shape)}"
+        found = "a ragged nested list or an object array" if arrays[bad] is None else f"{arrays[bad].dtype} {list(arrays[bad].shape)}"
         owner = "" if keys is None else f" (request {keys[bad]})"
         raise DataError(f"{what} must all be integer arrays [n, {width}], got {found}{owner}",
                         file=path, day=day, column=column)
@@ -164,6 +182,8 @@ def join_rows(
 
 def _as_array(value: Any) -> np.ndarray | None:
     """`value` as an ndarray; None where numpy cannot make one (a ragged nested list)."""
+    if value is None:
+        return None
     try:
         return np.asarray(value)
     except ValueError:
