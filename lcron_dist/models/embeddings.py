@@ -58,23 +58,38 @@ class StageEmbeddings(nn.Module):
         super().__init__()
         self.dim = dim
         self.ebc = EmbeddingBagCollection(tables=table_configs(stage, vocab_sizes, dim), device=torch.device(device))
-        self._column_cache: dict[tuple, list[torch.Tensor]] = {}
+        self._column_cache: dict[tuple, tuple[tuple[slice, ...], ...]] = {}
 
     def forward(self, features: KeyedJaggedTensor, batch: Batch) -> StageInputs:
         """Embed `features` (batch.id_features(), shared by every stage) for this stage."""
         pooled = self.ebc(features)  # KeyedTensor: [B·M, Σ D] values, one column block per feature
         user, item, history = SlotSplit.apply(pooled.values(), batch.num_slots, batch.item.shape[-1],
-                                              batch.history.shape[-1], *self._columns(pooled), self.dim)
+                                              batch.history.shape[-1], self._columns(pooled), self.dim)
         return StageInputs(user=user, item=item, history=history, history_mask=batch.history[0] > 0)
 
-    def _columns(self, pooled: KeyedTensor) -> list[torch.Tensor]:
-        """Each SLOT_GROUPS block's feature positions in the pooled values (cached per key order and device)."""
-        key = (tuple(pooled.keys()), pooled.values().device)
+    def _columns(self, pooled: KeyedTensor) -> tuple[tuple[slice, ...], ...]:
+        """Each SLOT_GROUPS block's feature positions in the pooled values, as runs (cached per key order)."""
+        key = tuple(pooled.keys())
         if key not in self._column_cache:
-            position = {name: i for i, name in enumerate(pooled.keys())}
-            self._column_cache[key] = [torch.tensor([position[name] for name in names], device=key[1])
-                                       for names in SLOT_GROUPS]
+            position = {name: i for i, name in enumerate(key)}
+            self._column_cache[key] = tuple(as_runs([position[name] for name in names]) for names in SLOT_GROUPS)
         return self._column_cache[key]
+
+
+def as_runs(positions: list[int]) -> tuple[slice, ...]:
+    """`positions` as slices of evenly spaced, increasing positions (e.g. [8, 10, 12, 13] -> 8:13:2, 13:14:1)."""
+    runs, i = [], 0
+    while i < len(positions):
+        j = i + 1
+        step = positions[j] - positions[i] if j < len(positions) else 1
+        if step > 0:
+            while j < len(positions) and positions[j] - positions[j - 1] == step:
+                j += 1
+        else:
+            step = 1
+        runs.append(slice(positions[i], positions[j - 1] + 1, step))
+        i = j
+    return tuple(runs)
 
 
 SLOT_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -89,28 +104,36 @@ class SlotSplit(torch.autograd.Function):
     """The pooled [B·M, K·D] embeddings (K features of D columns each) → user [B, U·D] (slot 0), item
     [B, N, F·D] (slots < N) and history [B, L, H·D] (slots < L): the used slots of each group's features.
 
-    Features are selected as whole D-wide blocks of a [B, M, K, D] view. The backward writes the three
-    gradients into one zero [B, M, K, D] buffer (empty bags keep zeros), where slicing and concatenating
-    per feature would allocate and fill a full-size gradient for each of the 21 features, then
-    concatenate them again.
+    Each group's features are read as strided slices of a [B, M, K, D] view (runs of evenly spaced
+    positions, as_runs: the history features, every other feature of the table order, are one run),
+    which copies whole D-wide blocks; advanced indexing gathered element by element and took about
+    1.3x as long. A group that is one contiguous block (the user features) stays a view. The backward
+    writes the three gradients into one zero [B, M, K, D] buffer (empty bags keep zeros), where slicing
+    and concatenating per feature would allocate and fill a full-size gradient for each feature.
     """
 
     @staticmethod
-    def forward(ctx, pooled: torch.Tensor, slots: int, n: int, length: int, user_features: torch.Tensor,
-                item_features: torch.Tensor, history_features: torch.Tensor, dim: int):
+    def forward(ctx, pooled: torch.Tensor, slots: int, n: int, length: int, runs: tuple[tuple[slice, ...], ...],
+                dim: int):
         grid = pooled.view(-1, slots, pooled.shape[-1] // dim, dim)  # [B, M, K, D]
-        ctx.shape, ctx.used = grid.shape, (1, n, length)
-        ctx.save_for_backward(user_features, item_features, history_features)
+        ctx.shape, ctx.used, ctx.runs = grid.shape, (1, n, length), runs
         b = grid.shape[0]
-        # Advanced indexing copies the D-wide blocks about twice as fast as index_select here.
-        return (grid[:, 0][:, user_features].view(b, -1), grid[:, :n][:, :, item_features].view(b, n, -1),
-                grid[:, :length][:, :, history_features].view(b, length, -1))
+        blocks = []
+        for used, group in zip(ctx.used, runs):
+            parts = [grid[:, :used, run] for run in group]
+            blocks.append((parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).reshape(b, used, -1))
+        user, item, history = blocks
+        return user.view(b, -1), item, history
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         grid = next(g for g in grads if g is not None).new_zeros(ctx.shape)
         b, _, _, dim = ctx.shape
-        for grad, used, features in zip(grads, ctx.used, ctx.saved_tensors):
+        for grad, used, group in zip(grads, ctx.used, ctx.runs):
             if grad is not None:
-                grid[:, :used].index_copy_(2, features, grad.reshape(b, used, len(features), dim))
-        return grid.view(b * ctx.shape[1], -1), None, None, None, None, None, None, None
+                grad, at = grad.reshape(b, used, -1, dim), 0
+                for run in group:
+                    width = len(range(run.start, run.stop, run.step))
+                    grid[:, :used, run] = grad[:, :, at:at + width]
+                    at += width
+        return grid.view(b * ctx.shape[1], -1), None, None, None, None, None

@@ -18,7 +18,8 @@ from lcron_dist.models import Cascade
 from lcron_dist.models.din import DIN
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.data.batch import Batch
-from lcron_dist.models.embeddings import SLOT_GROUPS, StageEmbeddings, StageInputs, table_configs
+from lcron_dist.models.embeddings import SLOT_GROUPS, StageEmbeddings, StageInputs, as_runs, table_configs
+from lcron_dist.models.layers import build_mlp
 
 
 def _inputs(b: int = 3, n: int = 7, length: int = 6, d: int = 4, seed: int = 0) -> StageInputs:
@@ -169,6 +170,33 @@ def test_slot_split_equals_the_per_feature_layout(n: int, length: int) -> None:
     for name in new_grads:
         assert new_grads[name].abs().sum() > 0, name
         torch.testing.assert_close(new_grads[name], old_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_runs_cover_exactly_the_positions_in_order(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(21, generator=generator)[: 3 + seed * 5].tolist()
+    positions = sorted(positions) if seed % 2 else positions  # increasing (as the table order gives) or not
+    runs = as_runs(positions)
+    assert [p for run in runs for p in range(run.start, run.stop, run.step)] == positions
+    assert all(run.step > 0 for run in runs)
+    assert as_runs([9, 11, 13, 15, 17]) == (slice(9, 18, 2),)  # the history features: one strided block
+
+
+def test_mlp_in_place_relu_equals_the_functional_form() -> None:
+    torch.manual_seed(6)
+    mlp = build_mlp(12, [8, 6], out_dim=1)
+    x = torch.randn(30, 12, requires_grad=True)
+    linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
+    reference = x
+    for i, layer in enumerate(linears):
+        reference = torch.nn.functional.linear(reference, layer.weight, layer.bias)
+        reference = torch.relu(reference) if i < len(linears) - 1 else reference
+    expected = torch.autograd.grad(reference.square().sum(), [x, *mlp.parameters()])
+    got = mlp(x)
+    assert torch.equal(got, reference)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), [x, *mlp.parameters()]), expected):
+        assert torch.equal(a, b)
 
 
 def test_din_compiled_equals_eager() -> None:
