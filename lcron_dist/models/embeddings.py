@@ -107,9 +107,10 @@ class SlotSplit(torch.autograd.Function):
     Each group's features are read as strided slices of a [B, M, K, D] view (runs of evenly spaced
     positions, as_runs: the history features, every other feature of the table order, are one run),
     which copies whole D-wide blocks; advanced indexing gathered element by element and took 1.3x as
-    long forward + backward at B = 1,024 and 1.6x forward only at 4,096 (CPU). A group that is one contiguous block (the user features) stays a view. The backward
-    writes the three gradients into one zero [B, M, K, D] buffer (empty bags keep zeros), where slicing
-    and concatenating per feature would allocate and fill a full-size gradient for each feature.
+    long forward + backward at B = 1,024 and 1.6x forward only at 4,096 (CPU). A group that is one
+    contiguous block (the user features) stays a view. The backward writes the three gradients into
+    one zero [B, M, K, D] buffer (empty bags keep zeros), where slicing and concatenating per feature
+    would allocate and fill a full-size gradient for each feature.
     """
 
     @staticmethod
