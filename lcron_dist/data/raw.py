@@ -57,8 +57,10 @@ def list_days(root: Path) -> list[dt.date]:
 
 
 class _Record(NamedTuple):
-    """Where an array's fields sit in a raw record, and the memory order that allows joining its bytes."""
+    """Where an array's fields sit in a raw record of `size` fields, and the memory order that allows
+    joining its bytes."""
 
+    size: int
     data: int
     dtype: int
     shape: int
@@ -66,9 +68,9 @@ class _Record(NamedTuple):
     c_order: Any
 
 
-_P5_RECORD = _Record(data=0, dtype=1, shape=2, order=3, c_order="C")
+_P5_RECORD = _Record(size=4, data=0, dtype=1, shape=2, order=3, c_order="C")
 """Protocol 5: numpy's _frombuffer(data, dtype, shape, order), kept as the tuple of its arguments."""
-_P4_RECORD = _Record(data=4, dtype=2, shape=1, order=3, c_order=False)
+_P4_RECORD = _Record(size=5, data=4, dtype=2, shape=1, order=3, c_order=False)
 """Protocol <= 4: numpy's array state (version, shape, dtype, is_fortran, data)."""
 
 
@@ -94,13 +96,17 @@ class _ArrayState(list):
 _reconstruct = functools.partial(list.__new__, _ArrayState)
 
 
-def _record_to_numpy(record: tuple, fields: _Record) -> np.ndarray | None:
-    """The array a raw record describes; None where its data are not a buffer (an object array)."""
-    dtype = np.dtype(record[fields.dtype])
-    if dtype.hasobject:
-        return None
-    order = "C" if record[fields.order] == fields.c_order else "F"
-    return np.frombuffer(record[fields.data], dtype=dtype).reshape(record[fields.shape], order=order)
+def _frombuffer_to_numpy(record: tuple) -> np.ndarray:
+    """The array of a protocol-5 record, as numpy's _frombuffer builds it."""
+    data, dtype, shape, order = record
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
+
+
+def _state_to_numpy(state: tuple) -> np.ndarray:
+    """The array of a protocol <= 4 state, built by numpy's own __setstate__ (any state version, object arrays)."""
+    array = np.ndarray((0,), np.int8)
+    array.__setstate__(state)
+    return array
 
 
 @contextlib.contextmanager
@@ -150,7 +156,7 @@ def join_rows(
         records, fields = arrays, _P5_RECORD
     else:
         fields = None
-    if fields is not None:
+    if fields is not None and set(map(len, records)) == {fields.size}:
         dtypes = set(map(operator.itemgetter(fields.dtype), records))
         shapes = list(map(operator.itemgetter(fields.shape), records))
         good = (len(dtypes) == 1 and all(np.dtype(d).kind in "iu" for d in dtypes)
@@ -165,13 +171,13 @@ def join_rows(
             flat = np.frombuffer(b"".join(data), dtype=dtype)
             return flat.reshape(-1, width).astype(np.int64, copy=False), lengths
     if kinds & {tuple, _ArrayState}:
-        arrays = [_record_to_numpy(a[0], _P4_RECORD) if type(a) is _ArrayState else
-                  _record_to_numpy(a, _P5_RECORD) if type(a) is tuple else a for a in arrays]
+        arrays = [_state_to_numpy(a[0]) if type(a) is _ArrayState else
+                  _frombuffer_to_numpy(a) if type(a) is tuple else a for a in arrays]
     arrays = list(map(_as_array, arrays))
     bad = next((i for i, a in enumerate(arrays)
                 if a is None or a.ndim != 2 or a.shape[1] != width or a.dtype.kind not in "iu"), None)
     if bad is not None:
-        found = "a ragged nested list or an object array" if arrays[bad] is None else f"{arrays[bad].dtype} {list(arrays[bad].shape)}"
+        found = "a ragged nested list" if arrays[bad] is None else f"{arrays[bad].dtype} {list(arrays[bad].shape)}"
         owner = "" if keys is None else f" (request {keys[bad]})"
         raise DataError(f"{what} must all be integer arrays [n, {width}], got {found}{owner}",
                         file=path, day=day, column=column)
@@ -182,8 +188,6 @@ def join_rows(
 
 def _as_array(value: Any) -> np.ndarray | None:
     """`value` as an ndarray; None where numpy cannot make one (a ragged nested list)."""
-    if value is None:
-        return None
     try:
         return np.asarray(value)
     except ValueError:
