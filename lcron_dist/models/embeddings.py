@@ -81,12 +81,9 @@ def as_runs(positions: list[int]) -> tuple[slice, ...]:
     runs, i = [], 0
     while i < len(positions):
         j = i + 1
-        step = positions[j] - positions[i] if j < len(positions) else 1
-        if step > 0:
-            while j < len(positions) and positions[j] - positions[j - 1] == step:
-                j += 1
-        else:
-            step = 1
+        step = positions[j] - positions[i] if j < len(positions) and positions[j] > positions[i] else 1
+        while j < len(positions) and positions[j] - positions[j - 1] == step:
+            j += 1
         runs.append(slice(positions[i], positions[j - 1] + 1, step))
         i = j
     return tuple(runs)

@@ -289,4 +289,3 @@ def test_id_features_come_in_the_order_of_the_tables(tiny_dataset: Path) -> None
     batch = next(reader.iter_day(reader.meta.day_list[0], shuffle=False))
     tables = table_configs("ranking", reader.meta.vocab_sizes, 4)
     assert batch.id_features().keys() == [name for table in tables for name in table.feature_names]
-
