@@ -123,6 +123,8 @@ class DIN(nn.Module):
     def __init__(self, user_dim: int, history_dim: int, item_dim: int, attention_hidden: int, hidden: list[int],
                  compile: bool = False) -> None:
         super().__init__()
+        if not hidden:
+            raise ValueError("DIN's head needs at least one hidden layer (its first layer is split by input)")
         self.user_dim, self.history_dim = user_dim, history_dim
         self.attention_in = nn.Linear(2 * history_dim, attention_hidden)  # on [history ‖ target]
         self.attention_out = nn.Linear(attention_hidden, 1)
@@ -141,7 +143,10 @@ class DIN(nn.Module):
         logits = AttentionLogits.apply(history_part, target_part, self.attention_out.weight.view(-1),
                                        self.attention_out.bias.view(()), *self.attention_functions)
         interest = attention_pool(logits, x.history, x.history_mask)
-        return self.head[1:](self.head_input_layer(x.user, interest, x.item)).squeeze(-1)  # [B, N]
+        # head[1], the ReLU, applied here to the fresh [B, N, H] tensor: the MLP runs on a [B·N, H] view
+        # of its input, and a ReLU in place on a view costs two whole-gradient copies in the backward.
+        hidden = self.head_input_layer(x.user, interest, x.item).relu_()
+        return self.head[2:](hidden).squeeze(-1)  # [B, N]
 
     def head_input_layer(self, user: torch.Tensor, interest: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """The head's first linear layer on [user ‖ interest ‖ item], its user part once per request.

@@ -57,6 +57,21 @@ def _din_concatenated(model: DIN, x: StageInputs) -> torch.Tensor:
     return model.head(torch.cat([user, interest, x.item], dim=-1)).squeeze(-1)
 
 
+def _backward_nodes(output: torch.Tensor) -> set[str]:
+    """The type names of every node in `output`'s autograd graph."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [parent for parent, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
+
+
+IN_PLACE_ON_VIEW = {"CopySlices", "AsStridedBackward0"}
+"""Backward nodes of an in-place op on a view: they copy the whole gradient of the view's base."""
+
+
 def test_din_split_attention_equals_the_concatenated_form() -> None:
     torch.manual_seed(0)
     model, x = _din(), _inputs()
@@ -110,6 +125,7 @@ def test_cascade_scores_every_candidate_once_per_stage(stages: int, tiny_raw: Pa
     model = Cascade(config, reader.meta.vocab_sizes, build_loss("lcron", num_stages=stages), device="cpu")
     out_loss, scores = model(batch)
     assert len(scores) == stages and all(s.shape == (batch.size, reader.meta.num_candidates) for s in scores)
+    assert not _backward_nodes(out_loss.total) & IN_PLACE_ON_VIEW
     out_loss.total.backward()
     sparse = {n: p for n, p in model.named_parameters() if n.startswith("sparse.")}
     assert {n.split(".")[1] for n in sparse} == set(schema.STAGE_NAMES[stages]), "each stage has its own tables"
@@ -183,10 +199,11 @@ def test_runs_cover_exactly_the_positions_in_order(seed: int) -> None:
     assert as_runs([9, 11, 13, 15, 17]) == (slice(9, 18, 2),)  # the history features: one strided block
 
 
-def test_mlp_in_place_relu_equals_the_functional_form() -> None:
+@pytest.mark.parametrize("shape", [(30, 12), (3, 10, 12)])
+def test_mlp_in_place_relu_equals_the_functional_form(shape: tuple[int, ...]) -> None:
     torch.manual_seed(6)
     mlp = build_mlp(12, [8, 6], out_dim=1)
-    x = torch.randn(30, 12, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
     linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
     reference = x
     for i, layer in enumerate(linears):
@@ -194,7 +211,9 @@ def test_mlp_in_place_relu_equals_the_functional_form() -> None:
         reference = torch.relu(reference) if i < len(linears) - 1 else reference
     expected = torch.autograd.grad(reference.square().sum(), [x, *mlp.parameters()])
     got = mlp(x)
+    assert got.shape == (*shape[:-1], 1)
     assert torch.equal(got, reference)
+    assert not _backward_nodes(got) & IN_PLACE_ON_VIEW
     for a, b in zip(torch.autograd.grad(got.square().sum(), [x, *mlp.parameters()]), expected):
         assert torch.equal(a, b)
 
