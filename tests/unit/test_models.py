@@ -18,7 +18,7 @@ from lcron_dist.models import Cascade
 from lcron_dist.models.din import DIN
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.data.batch import Batch
-from lcron_dist.models.embeddings import SLOT_GROUPS, StageEmbeddings, StageInputs, as_runs, table_configs
+from lcron_dist.models.embeddings import SLOT_GROUPS, SlotSplit, StageEmbeddings, StageInputs, table_configs
 from lcron_dist.models.layers import build_mlp
 
 
@@ -188,15 +188,24 @@ def test_slot_split_equals_the_per_feature_layout(n: int, length: int) -> None:
         torch.testing.assert_close(new_grads[name], old_grads[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_runs_cover_exactly_the_positions_in_order(seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    positions = torch.randperm(21, generator=generator)[: 3 + seed * 5].tolist()
-    positions = sorted(positions) if seed % 2 else positions  # increasing (as the table order gives) or not
-    runs = as_runs(positions)
-    assert [p for run in runs for p in range(run.start, run.stop, run.step)] == positions
-    assert all(run.step > 0 for run in runs)
-    assert as_runs([9, 11, 13, 15, 17]) == (slice(9, 18, 2),)  # the history features: one strided block
+@pytest.mark.parametrize("seed", range(3))
+def test_slot_split_gathers_and_scatters_as_advanced_indexing(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    b, slots, features, dim = 3, 6, 7, 2
+    n, length = (6, 4, 5)[seed], (3, 6, 2)[seed]
+    order = torch.randperm(features, generator=g).tolist()  # any key order
+    positions = (tuple(order[:2]), tuple(order[2:5]), tuple(order[5:6]))  # order[6] in no group
+    pooled = torch.randn(b * slots, features * dim, generator=g, requires_grad=True)
+    grid = pooled.view(b, slots, features, dim)
+    expected = [grid[:, :used, list(group)].reshape(b, used, -1) for used, group in zip((1, n, length), positions)]
+    expected[0] = expected[0].squeeze(1)
+    got = SlotSplit.apply(pooled, slots, n, length, positions, dim)
+    weights = [torch.randn(e.shape, generator=g) for e in expected]
+    grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), pooled)[0]
+             for outs in (expected, got)]
+    for e, o in zip(expected, got):
+        assert torch.equal(o, e)
+    assert torch.equal(grads[1], grads[0])  # slots and features no group uses get zero gradient
 
 
 @pytest.mark.parametrize("shape", [(30, 12), (3, 10, 12)])
