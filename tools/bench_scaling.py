@@ -9,7 +9,11 @@ them, so the ceiling below is the better measure of what communication costs.
 
 For each process count N > 1 it also runs N independent one-process jobs at once, each with the same
 threads: their summed requests/s is what this machine gives N processes that never talk (shared
-caches, memory bandwidth), the ceiling for N ranks. Prints a markdown table.
+caches, memory bandwidth), the ceiling for N ranks. The jobs start their timed steps together (each
+waits, after its warm-up, until all are ready) and each keeps training, untimed, until every job has
+finished its timed steps, so no job is timed while another is still starting up or already done
+(which would make the ceiling look higher than it is); the table gives the share of the timed steps
+during which every other job was training too. Prints a markdown table.
 
     python tools/bench_scaling.py --configs configs/tiny-2stage.toml configs/small-2stage.toml --nprocs 1 2 \\
         [--steps 8] [--threads T] [-- --data.path=... overrides]
@@ -29,6 +33,7 @@ import resource
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lcron_dist.distributed.process_group import launch_local
@@ -56,14 +61,23 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
     batches = list(itertools.islice(itertools.cycle(full), args.warmup + args.steps))  # small data: reuse batches
     for batch in batches[: args.warmup]:
         trainer.train_step(batch)
+    sync = Path(args.sync_dir) if args.sync_dir else None
+    if sync is not None:
+        wait_for_all(sync, "ready", args.job, args.jobs)
     dist.barrier()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
+        window_start, start = time.time(), time.perf_counter()
         for batch in batches[args.warmup: args.warmup + args.steps]:
             trainer.train_step(batch)
         seconds = time.perf_counter() - start
+    window_end = time.time()
+    if sync is not None:  # keep the machine as busy for the other jobs until they are done too
+        more = itertools.cycle(full)
+        wait_for_all(sync, "done", args.job, args.jobs, step=lambda: trainer.train_step(next(more)))
     comm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if COMM.search(e.key))
     mine = {
+        "window": [window_start, window_end],
+        "busy": [window_start, time.time()],
         "rank": trainer.dist.rank,
         "step_ms": seconds / args.steps * 1000,
         "comm_share": comm_us / 1e6 / seconds,
@@ -78,6 +92,31 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
     teardown()
 
 
+def wait_for_all(sync: Path, stage: str, job: int, jobs: int, step: Callable[[], object] | None = None,
+                 timeout: float = 900.0) -> None:
+    """Mark job `job` as at `stage` in `sync`, then wait until all `jobs` jobs are, running `step` meanwhile."""
+    (sync / f"{stage}-{job}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(sync.glob(f"{stage}-*"))) < jobs:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"job {job}: not all {jobs} jobs reached {stage!r} within {timeout:.0f} s")
+        if step is None:
+            time.sleep(0.002)
+        else:
+            step()
+
+
+def overlap(ranks: list[dict]) -> float:
+    """The least share of a job's timed window during which every other job was training too."""
+    shares = []
+    for i, mine in enumerate(ranks):
+        start, end = mine["window"]
+        for j, other in enumerate(ranks):
+            if j != i:
+                start, end = max(start, other["busy"][0]), min(end, other["busy"][1])
+        shares.append(max(0.0, end - start) / (mine["window"][1] - mine["window"][0]))
+    return min(shares)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +127,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
     parser.add_argument("--config", help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--report", help=argparse.SUPPRESS)
+    parser.add_argument("--sync-dir", help=argparse.SUPPRESS)  # independent jobs: where they meet
+    parser.add_argument("--job", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
     if "RANK" in os.environ:
@@ -100,9 +142,9 @@ def main() -> None:
             threads = args.threads or max(1, os.cpu_count() // nprocs)
             ranks = run_jobs(config, [nprocs], threads, args, overrides)
             total = sum(r["requests_per_s"] for r in ranks) / len(ranks) * nprocs
-            ceiling = (sum(r["requests_per_s"] for r in run_jobs(config, [1] * nprocs, threads, args, overrides))
-                       if nprocs > 1 else None)
-            rows.append((config, nprocs, ranks, total, ceiling))
+            independent = run_jobs(config, [1] * nprocs, threads, args, overrides) if nprocs > 1 else []
+            ceiling = sum(r["requests_per_s"] for r in independent) if independent else None
+            rows.append((config, nprocs, ranks, total, ceiling, overlap(independent) if independent else None))
             print(f"  {config} × {nprocs}: {total:,.0f} requests/s"
                   + (f"; {nprocs} independent 1-process jobs: {ceiling:,.0f}" if ceiling else ""), flush=True)
 
@@ -110,17 +152,19 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} cores; {args.steps} timed steps after {args.warmup} warm-up; "
           f"torch threads per rank: {threads}\n")
     print("| config | processes x threads | requests/s (all ranks) | vs 1 process | independent jobs (ceiling) | "
-          "vs ceiling | step ms (per rank) | peak RSS MiB (per rank) | communication share (per rank) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    single = {config: total for config, nprocs, _, total, _ in rows if nprocs == 1}
-    for config, nprocs, ranks, total, ceiling in rows:
+          "vs ceiling | independent jobs all training | step ms (per rank) | peak RSS MiB (per rank) | "
+          "communication share (per rank) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    single = {config: total for config, nprocs, _, total, _, _ in rows if nprocs == 1}
+    for config, nprocs, ranks, total, ceiling, together in rows:
         def each(key: str, fmt: str) -> str:
             return " / ".join(format(r[key], fmt) for r in ranks)
         speedup = f"{total / single[config]:.2f}x" if config in single else "-"
         independent = (f"{ceiling:,.0f} ({ceiling / single[config]:.2f}x)" if ceiling and config in single
                        else f"{ceiling:,.0f}" if ceiling else "-")
         print(f"| {Path(config).stem} | {nprocs} x {ranks[0]['threads']} | {total:,.0f} | {speedup} | {independent} | "
-              f"{f'{total / ceiling:.0%}' if ceiling else '-'} | {each('step_ms', '.0f')} | "
+              f"{f'{total / ceiling:.0%}' if ceiling else '-'} | {f'{together:.1%}' if ceiling else '-'} | "
+              f"{each('step_ms', '.0f')} | "
               f"{each('peak_rss_mib', ',.0f')} | {each('comm_share', '.2%')} |")
 
 
@@ -129,10 +173,11 @@ def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespa
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp, f"log{i}.txt").open("w") for i in range(len(sizes))]
+        sync = ["--sync-dir", tmp, "--jobs", str(len(sizes))] if len(sizes) > 1 else []
         jobs = [launch_local(Path(__file__).resolve(), n, [
             "--config", config, "--report", f"{tmp}/report{i}.json", "--steps", str(args.steps),
-            "--warmup", str(args.warmup), f"--run.dir={tmp}/run{i}", *overrides], threads, repo,
-            stdout=logs[i], stderr=subprocess.STDOUT) for i, n in enumerate(sizes)]
+            "--warmup", str(args.warmup), *sync, "--job", str(i), f"--run.dir={tmp}/run{i}", *overrides],
+            threads, repo, stdout=logs[i], stderr=subprocess.STDOUT) for i, n in enumerate(sizes)]
         for i, job in enumerate(jobs):
             if job.wait() != 0:
                 raise SystemExit(f"{config} × {sizes[i]} failed:\n{Path(tmp, f'log{i}.txt').read_text()[-4000:]}")
