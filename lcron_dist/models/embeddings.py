@@ -58,7 +58,7 @@ class StageEmbeddings(nn.Module):
         super().__init__()
         self.dim = dim
         self.ebc = EmbeddingBagCollection(tables=table_configs(stage, vocab_sizes, dim), device=torch.device(device))
-        self._position_cache: dict[tuple, tuple[tuple[int, ...], ...]] = {}
+        self._position_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def forward(self, features: KeyedJaggedTensor, batch: Batch) -> StageInputs:
         """Embed `features` (batch.id_features(), shared by every stage) for this stage."""
@@ -67,20 +67,22 @@ class StageEmbeddings(nn.Module):
                                               batch.history.shape[-1], self._positions(pooled), self.dim)
         return StageInputs(user=user, item=item, history=history, history_mask=batch.history[0] > 0)
 
-    def _positions(self, pooled: KeyedTensor) -> tuple[tuple[int, ...], ...]:
-        """Each SLOT_GROUPS block's feature positions in the pooled values (cached per key order)."""
-        key = tuple(pooled.keys())
+    def _positions(self, pooled: KeyedTensor) -> tuple[torch.Tensor, ...]:
+        """Each SLOT_GROUPS block's feature positions in the pooled values, on their device (cached per key
+        order and device: made once, not copied to the device at every step)."""
+        key = (tuple(pooled.keys()), pooled.values().device)
         if key not in self._position_cache:
-            position = {name: i for i, name in enumerate(key)}
-            self._position_cache[key] = tuple(tuple(position[name] for name in names) for names in SLOT_GROUPS)
+            position = {name: i for i, name in enumerate(key[0])}
+            self._position_cache[key] = tuple(torch.tensor([position[name] for name in names], device=key[1])
+                                              for names in SLOT_GROUPS)
         return self._position_cache[key]
 
 
-def slot_rows(b: int, slots: int, features: int, used: int, positions: tuple[int, ...],
-              device: torch.device) -> torch.Tensor:
+def slot_rows(b: int, slots: int, features: int, used: int, positions: torch.Tensor) -> torch.Tensor:
     """Rows of the pooled values seen as [B·M·K, D] (one row per request, slot and feature) holding
-    slots 0..used-1 of the features at `positions`, request by request, slot by slot: [B·used·F]."""
-    per_request = torch.arange(used, device=device).unsqueeze(1) * features + torch.tensor(positions, device=device)
+    slots 0..used-1 of the features at `positions` ([F]), request by request, slot by slot: [B·used·F]."""
+    device = positions.device
+    per_request = torch.arange(used, device=device).unsqueeze(1) * features + positions
     return (torch.arange(b, device=device).unsqueeze(1) * (slots * features) + per_request.view(-1)).view(-1)
 
 
@@ -104,11 +106,10 @@ class SlotSplit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pooled: torch.Tensor, slots: int, n: int, length: int, positions: tuple[tuple[int, ...], ...],
+    def forward(ctx, pooled: torch.Tensor, slots: int, n: int, length: int, positions: tuple[torch.Tensor, ...],
                 dim: int):
         b, features = pooled.shape[0] // slots, pooled.shape[1] // dim
-        rows = [slot_rows(b, slots, features, used, group, pooled.device)
-                for used, group in zip((1, n, length), positions)]
+        rows = [slot_rows(b, slots, features, used, group) for used, group in zip((1, n, length), positions)]
         ctx.save_for_backward(*rows)
         ctx.shape, ctx.dim = pooled.shape, dim
         flat = pooled.view(-1, dim)

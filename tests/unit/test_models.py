@@ -194,10 +194,10 @@ def test_slot_split_gathers_and_scatters_as_advanced_indexing(seed: int) -> None
     b, slots, features, dim = 3, 6, 7, 2
     n, length = (6, 4, 5)[seed], (3, 6, 2)[seed]
     order = torch.randperm(features, generator=g).tolist()  # any key order
-    positions = (tuple(order[:2]), tuple(order[2:5]), tuple(order[5:6]))  # order[6] in no group
+    positions = (torch.tensor(order[:2]), torch.tensor(order[2:5]), torch.tensor(order[5:6]))  # order[6] in none
     pooled = torch.randn(b * slots, features * dim, generator=g, requires_grad=True)
     grid = pooled.view(b, slots, features, dim)
-    expected = [grid[:, :used, list(group)].reshape(b, used, -1) for used, group in zip((1, n, length), positions)]
+    expected = [grid[:, :used, group].reshape(b, used, -1) for used, group in zip((1, n, length), positions)]
     expected[0] = expected[0].squeeze(1)
     got = SlotSplit.apply(pooled, slots, n, length, positions, dim)
     weights = [torch.randn(e.shape, generator=g) for e in expected]
