@@ -101,7 +101,7 @@ class SlotSplit(torch.autograd.Function):
     Each group is gathered by index_select of whole D-wide rows of the [B·M·K, D] view (slot_rows),
     and its gradient written back by index_copy_ into one zero buffer. Against strided slices of a
     [B, M, K, D] view (whose copies move one D-wide block per loop step), forward + backward at
-    B = 1,024 took 0.87x-0.97x the time and forward at 4,096 0.76x-0.99x (CPU, 2 threads; medians of
+    B = 1,024 took 0.88x-0.99x the time and forward at 4,096 0.76x-0.93x (CPU, 2 threads; medians of
     six alternating rounds, five runs over an hour of the machine's drift).
     """
 
