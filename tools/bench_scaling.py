@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
     comm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if COMM.search(e.key))
     mine = {
         "window": [window_start, window_end],
-        "busy": [window_start, time.time()],
+        "busy_until": time.time(),  # training from window_start until then
         "rank": trainer.dist.rank,
         "step_ms": seconds / args.steps * 1000,
         "comm_share": comm_us / 1e6 / seconds,
@@ -111,9 +111,8 @@ def overlap(ranks: list[dict]) -> float:
     shares = []
     for i, mine in enumerate(ranks):
         start, end = mine["window"]
-        for j, other in enumerate(ranks):
-            if j != i:
-                start, end = max(start, other["busy"][0]), min(end, other["busy"][1])
+        for other in ranks[:i] + ranks[i + 1:]:
+            start, end = max(start, other["window"][0]), min(end, other["busy_until"])
         shares.append(max(0.0, end - start) / (mine["window"][1] - mine["window"][0]))
     return min(shares)
 
