@@ -30,6 +30,7 @@ from lcron_dist.components.checkpoint import (
     first_mismatch,
     library_versions,
 )
+from lcron_dist.components.compiler import probe_vector_isa_in_background
 from lcron_dist.components.logging import MetricsSink, build_logger
 from lcron_dist.components.profiling import (
     PhaseTimer,
@@ -101,6 +102,8 @@ class Trainer:
                       self.dist.world_size, self.dist.local_rank, self.device, self.dist.backend, torch.get_num_threads())
         if self.device.type == "cpu":
             keep_freed_memory(self.log)
+            if config.model.compile:
+                probe_vector_isa_in_background()
         self.run_dir = Path(config.run.dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
