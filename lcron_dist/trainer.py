@@ -121,6 +121,12 @@ class Trainer:
         if meta.num_stages != config.model.num_stages:
             raise ValueError(f"model.num_stages is {config.model.num_stages} but dataset {config.data.path} "
                              f"was converted for {meta.num_stages} stages")
+        # The first day to train streams in while the model is built and its tables planned (seconds, most
+        # of them importing inductor). A run that starts on another day (resumed past it, or lcron-stream)
+        # drops it at train()'s first prefetch.
+        first_day = schema.parse_days(config.data.train_days)[0] if config.data.train_days else meta.day_list[0]
+        if first_day in meta.day_list:
+            self.reader.prefetch(first_day, shuffle=True)
 
         loss = build_loss(config.loss.name, num_stages=config.model.num_stages, **config.loss.options)
         model = Cascade(config.model, meta.vocab_sizes, loss, device="meta")
@@ -327,6 +333,8 @@ class Trainer:
         p = self.config.profiling
         with maybe_enable_profiling(p.enable_profiling, self.run_dir / "traces", self.dist.rank,
                                     p.profile_start_step, p.profile_steps, self.device) as profiler:
+            if todo:  # taken from the set-up's prefetch when that was this day
+                self.reader.prefetch(todo[0][0], shuffle=True)
             for i, (day, start) in enumerate(todo):
                 if i + 1 < len(todo):  # the next day streams in while this one trains
                     self.reader.prefetch(todo[i + 1][0], shuffle=True)

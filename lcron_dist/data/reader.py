@@ -108,8 +108,8 @@ class DayReader:
     """One rank's view of a converted dataset, a day at a time; subclasses say how rows are read.
 
     The batches of a day are planned globally (plan_batches), so every reader gives a rank the same
-    requests in the same order; `prefetch` loads a later day on a background thread while the
-    current one trains.
+    requests in the same order; `prefetch` loads a day on a background thread while the current one
+    trains (or, for the first day, while the trainer sets up).
 
     Args:
         root: the dataset folder (holding meta.json).
@@ -153,10 +153,16 @@ class DayReader:
         return self.load_rows(day, np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)), plan
 
     def prefetch(self, day: dt.date, shuffle: bool) -> None:
-        """Start loading `day` in the background (iter_day then takes it from there)."""
+        """Start loading `day` in the background (iter_day then takes it from there).
+
+        A reader holds one prefetched day: prefetching another drops the one not taken (cancelled if
+        its load has not started), so a day nobody reads does not stay in memory.
+        """
         key = (day, shuffle)
         if key not in self._pending:
-            self._pending[key] = self._loader.submit(self._load, day, shuffle)
+            for dropped in self._pending.values():
+                dropped.cancel()
+            self._pending = {key: self._loader.submit(self._load, day, shuffle)}
 
     def iter_day(self, day: dt.date, shuffle: bool, start: int = 0) -> Iterator[Batch]:
         """This rank's batches of `day`; shuffle for training, log order for evaluation.

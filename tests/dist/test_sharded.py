@@ -33,6 +33,7 @@ def _rank_main(rank: int, world: int, rendezvous: dict, data: str, out: str) -> 
 
     config = load_config("configs/tiny-2stage.toml", [f"--data.path={data}", f"--run.dir={out}/run", *SHARDING])
     trainer = Trainer(config)
+    prefetched = [(str(day), shuffle) for day, shuffle in trainer.reader._pending]  # by the set-up
     meta = trainer.reader.meta
     batch = next(trainer.reader.iter_day(trainer.train_days[0], shuffle=False))
 
@@ -66,7 +67,9 @@ def _rank_main(rank: int, world: int, rendezvous: dict, data: str, out: str) -> 
             changed[f"{table}@{r0}"] = bool((shard.tensor != start).any())
         if not sharded:
             changed[table] = bool((tensor != _table_rows(config.train.seed, table, rows, dim, 0, rows)).any())
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"forward_gap": forward_gap, "changed": changed, "kinds": kinds}))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"forward_gap": forward_gap, "changed": changed, "kinds": kinds,
+                                                           "prefetched": prefetched,
+                                                           "first_day": str(trainer.train_days[0])}))
     teardown()
 
 
@@ -98,3 +101,10 @@ def test_every_rank_updates_its_own_shards(two_rank_report: list[dict]) -> None:
     table_wise = [t for t, kind in two_rank_report[0]["kinds"].items() if kind == "sharded" and "video" not in t]
     held = [{t for t in table_wise if any(k == t or k.startswith(f"{t}@") for k in r["changed"])} for r in two_rank_report]
     assert held[0] and held[1] and not held[0] & held[1], "table-wise tables are spread over both ranks"
+
+
+def test_the_set_up_prefetches_the_first_training_day(two_rank_report: list[dict]) -> None:
+    """Each rank's Trainer starts loading its share of the first training day (shuffled, as train()
+    reads it) while it builds the model, so the first step does not wait for the day's Parquet."""
+    for report in two_rank_report:
+        assert report["prefetched"] == [[report["first_day"], True]]

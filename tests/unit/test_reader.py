@@ -139,3 +139,20 @@ def test_progress_cursor_skips_what_was_trained() -> None:
     assert (progress.step, progress.requests, progress.batches) == (4, 256, 1)
     assert [progress.start_batch(d) for d in days] == [None, 1, 0]
     assert TrainProgress.from_dict(progress.to_dict()) == progress
+
+
+def test_a_reader_holds_one_prefetched_day(tiny_dataset: Path) -> None:
+    """Prefetching the pending day again keeps its load; prefetching another drops it (a day nobody
+    reads must not stay in memory); every day still reads the same batches."""
+    days = dataset.load_meta(tiny_dataset).day_list[:2]
+    reader = LocalReader(tiny_dataset, batch_size=16, seed=4)
+    expected = {day: [b.request_id.tolist() for b in reader.iter_day(day, shuffle=True)] for day in days}
+    reader.prefetch(days[0], shuffle=True)
+    load = reader._pending[(days[0], True)]
+    reader.prefetch(days[0], shuffle=True)
+    assert reader._pending == {(days[0], True): load}
+    reader.prefetch(days[1], shuffle=True)
+    assert list(reader._pending) == [(days[1], True)]
+    for day in reversed(days):  # the second from its prefetch, the first read again
+        assert [b.request_id.tolist() for b in reader.iter_day(day, shuffle=True)] == expected[day]
+    assert reader._pending == {}
