@@ -32,7 +32,7 @@ from lcron_dist.losses.base import (
     request_mean,
     uncertainty_term,
 )
-from lcron_dist.losses.lcron import column_mass, single_stage_loss
+from lcron_dist.losses.lcron import column_mass, cut_probabilities, single_stage_loss
 from lcron_dist.losses.sort_ce import permutation_cross_entropy
 
 
@@ -93,4 +93,5 @@ class ARFV2Loss(ARFLoss):
 
     def relax(self, perm: torch.Tensor, quota: int, cands: Candidates) -> torch.Tensor:
         y, negative = cands.target.to(perm.dtype), cands.negative.to(perm.dtype)
-        return single_stage_loss(perm, column_mass(perm, self.eps), quota, y, negative, cands, self.eps)
+        return single_stage_loss(*cut_probabilities(perm, column_mass(perm, self.eps), quota), quota, y, negative, cands,
+                                 self.eps)

@@ -284,6 +284,21 @@ def test_lcron_weighting_formulas_and_gradients() -> None:
     assert paper.e2e_weight.grad.abs() > 0 and torch.all(paper.stage_weights.grad != 0)
 
 
+def test_lcron_computes_each_stage_cut_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """L_e2e (at q) and L_single (at K) share a stage's cut probabilities where q = K: one computation per
+    stage and cut used, not one per term (their values are test_lcron_matches_reference's)."""
+    from lcron_dist.losses import lcron
+
+    cuts: list[int] = []
+    computed = lcron.cut_probabilities
+    monkeypatch.setattr(lcron, "cut_probabilities", lambda perm, mass, cut: cuts.append(cut) or computed(perm, mass, cut))
+    case = make_case(2, padded=False, seed=17)
+    for options, expected in (({}, [4, 4]), ({"q": [6, 4]}, [4, 4, 6]), ({"use_single": False, "q": 6}, [6, 6])):
+        cuts.clear()
+        case.call(build_loss("lcron", 2, tau=3.0, group_size=4, **options))
+        assert sorted(cuts) == expected, options
+
+
 def test_lcron_ablations_and_fixed_weights() -> None:
     case = make_case(2, padded=False, seed=17)
     full = case.call(build_loss("lcron", 2, tau=3.0, group_size=4))
