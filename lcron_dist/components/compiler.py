@@ -21,7 +21,7 @@ def probe_vector_isa_in_background() -> threading.Thread:
     A compile that starts before the thread is done runs the same check itself, as it would without
     this thread: the result is the same, only the time saved is lost.
     """
-    from torch._inductor import cpu_vec_isa  # imported here, on the calling thread, not under the thread's import
+    from torch._inductor import cpu_vec_isa  # imported on the calling thread; the thread only runs the check
 
     thread = threading.Thread(target=cpu_vec_isa.pick_vec_isa, name="inductor-vec-isa-probe", daemon=True)
     thread.start()
