@@ -336,6 +336,7 @@ class Trainer:
             if todo:  # taken from the set-up's prefetch when that was this day
                 self.reader.prefetch(todo[0][0], shuffle=True)
             for i, (day, start) in enumerate(todo):
+                batches = self.reader.iter_day(day, shuffle=True, start=start)  # takes this day's prefetch
                 if i + 1 < len(todo):  # the next day streams in while this one trains
                     self.reader.prefetch(todo[i + 1][0], shuffle=True)
                 sizes = self.reader.global_batch_sizes(day)
@@ -343,7 +344,6 @@ class Trainer:
                 bar = tqdm(total=len(sizes), initial=start, desc=f"train {day}", unit="step",
                            disable=not (self.dist.is_main and self.config.run.progress))
                 window_requests, window_start = 0, time.perf_counter()
-                batches = self.reader.iter_day(day, shuffle=True, start=start)
                 for index in range(start, len(sizes)):
                     step_start = time.perf_counter()
                     self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0

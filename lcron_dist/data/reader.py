@@ -167,10 +167,15 @@ class DayReader:
     def iter_day(self, day: dt.date, shuffle: bool, start: int = 0) -> Iterator[Batch]:
         """This rank's batches of `day`; shuffle for training, log order for evaluation.
 
+        The day's prefetched load, if any, is taken at this call, so a prefetch of the next day made
+        before the batches are read does not drop it.
+
         Args:
             start: global batches of the day to skip (already trained before a restart).
         """
-        pending = self._pending.pop((day, shuffle), None)
+        return self._batches(day, shuffle, start, self._pending.pop((day, shuffle), None))
+
+    def _batches(self, day: dt.date, shuffle: bool, start: int, pending: Future | None) -> Iterator[Batch]:
         if pending is not None:
             arrays, plan = pending.result()
             first = sum(len(rows) for rows in plan[:start])

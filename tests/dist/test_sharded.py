@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from lcron_dist.distributed.process_group import RendezvousStore
 
 SHARDING = ["--parallelism.sharding=table_wise", "--parallelism.table_sharding.video_id=row_wise",
             "--parallelism.table_sharding.author_id=data_parallel", "--parallelism.table_optimizer=rowwise_adagrad",
-            "--parallelism.zero_stage=2", "--run.progress=false"]
+            "--parallelism.zero_stage=2", "--run.progress=false", "--train.max_steps_per_day=1",
+            "--checkpoint.at_day_end=false"]
 
 
 
@@ -67,9 +69,14 @@ def _rank_main(rank: int, world: int, rendezvous: dict, data: str, out: str) -> 
             changed[f"{table}@{r0}"] = bool((shard.tensor != start).any())
         if not sharded:
             changed[table] = bool((tensor != _table_rows(config.train.seed, table, rows, dim, 0, rows)).any())
+    loads, load_rows = [], trainer.reader.load_rows
+    trainer.reader.load_rows = lambda day, rows: loads.append([str(day), threading.current_thread().name]) or load_rows(day, rows)
+    trainer.train(trainer.train_days[:2])  # one step a day (max_steps_per_day)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"forward_gap": forward_gap, "changed": changed, "kinds": kinds,
                                                            "prefetched": prefetched,
-                                                           "first_day": str(trainer.train_days[0])}))
+                                                           "first_day": str(trainer.train_days[0]),
+                                                           "loads": loads,
+                                                           "trained": [str(d) for d in trainer.train_days[:2]]}))
     teardown()
 
 
@@ -108,3 +115,12 @@ def test_the_set_up_prefetches_the_first_training_day(two_rank_report: list[dict
     reads it) while it builds the model, so the first step does not wait for the day's Parquet."""
     for report in two_rank_report:
         assert report["prefetched"] == [[report["first_day"], True]]
+
+
+def test_the_train_loop_reads_each_day_from_its_prefetch(two_rank_report: list[dict]) -> None:
+    """train() over two days: each day is loaded once, in the background (the first by the set-up's
+    prefetch, the second while the first trains), none dropped and read again."""
+    for report in two_rank_report:
+        assert len(report["trained"]) == 2
+        assert [day for day, _ in report["loads"]] in (report["trained"], report["trained"][1:]), report["loads"]
+        assert all(thread.startswith("prefetch") for _, thread in report["loads"]), report["loads"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,21 @@ def test_a_reader_holds_one_prefetched_day(tiny_dataset: Path) -> None:
     for day in reversed(days):  # the second from its prefetch, the first read again
         assert [b.request_id.tolist() for b in reader.iter_day(day, shuffle=True)] == expected[day]
     assert reader._pending == {}
+
+
+def test_the_next_days_prefetch_keeps_the_day_being_read(tiny_dataset: Path) -> None:
+    """The train loop's order: a day's batches are asked for, the next day is prefetched, then the day is
+    read. Every day is then loaded once, on the prefetch thread: none dropped and read again."""
+    days = dataset.load_meta(tiny_dataset).day_list[:3]
+    reader = LocalReader(tiny_dataset, batch_size=16, seed=4)
+    expected = {day: [b.request_id.tolist() for b in reader.iter_day(day, shuffle=True)] for day in days}
+    loads, load_rows = [], reader.load_rows
+    reader.load_rows = lambda day, rows: loads.append((day, threading.current_thread().name)) or load_rows(day, rows)
+    reader.prefetch(days[0], shuffle=True)
+    for i, day in enumerate(days):
+        batches = reader.iter_day(day, shuffle=True)
+        if i + 1 < len(days):
+            reader.prefetch(days[i + 1], shuffle=True)
+        assert [b.request_id.tolist() for b in batches] == expected[day]
+    assert [day for day, _ in loads] == days
+    assert all(thread.startswith("prefetch") for _, thread in loads), loads
