@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lcron_dist.models.embeddings import StageInputs
-from lcron_dist.models.layers import build_mlp
+from lcron_dist.models.layers import build_mlp, linear
 
 
 def attention_logits(
@@ -136,7 +136,7 @@ class DIN(nn.Module):
         """The first attention layer, split into its history part [B, L, A] and target part [B, N, A]."""
         w_history, w_target = self.attention_in.weight.split(self.history_dim, dim=1)
         target = x.item[..., : self.history_dim]  # candidate fields of the same kinds as the history
-        return x.history @ w_history.T, target @ w_target.T + self.attention_in.bias
+        return linear(x.history, w_history), linear(target, w_target, self.attention_in.bias)
 
     def forward(self, x: StageInputs) -> torch.Tensor:
         history_part, target_part = self.split_attention_input(x)
@@ -157,4 +157,4 @@ class DIN(nn.Module):
         first = self.head[0]
         w_user, w_rest = first.weight.split([self.user_dim, first.in_features - self.user_dim], dim=1)
         per_request = torch.addmm(first.bias, user, w_user.T)  # [B, H]
-        return torch.cat([interest, item], dim=-1) @ w_rest.T + per_request.unsqueeze(1)
+        return linear(torch.cat([interest, item], dim=-1), w_rest).add_(per_request.unsqueeze(1))

@@ -6,6 +6,48 @@ import torch
 from torch import nn
 
 
+def _onednn_linear():
+    """oneDNN's linear with a fused epilogue (the op Inductor's CPU code calls), or None where this build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_LINEAR = _onednn_linear()
+
+
+def onednn_inference(x: torch.Tensor) -> bool:
+    """Whether linear layers on `x` run through oneDNN: float32 on CPU, without autograd, outside tracing.
+
+    Inference only: the op has no backward. Traced code (torch.compile, the serving export) keeps aten's
+    product, so exported programs hold aten and fbgemm ops only.
+    """
+    return (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """x·Wᵀ (+ b) (then ReLU) over the last dimension of `x`.
+
+    In CPU inference (onednn_inference) oneDNN writes the product with its bias and ReLU applied, once,
+    where aten's addmm first fills the output with the broadcast bias, accumulates the product into it and
+    the ReLU passes over it again: evaluation of recflow-2stage (batch 4,096, the towers' [163,840 x 104..128]
+    products) runs 1.2x faster (medians of 6 alternating rounds, 2 CPU threads). Same products, so the
+    scores agree to float32 rounding (3e-8 on those batches). The weight is made contiguous first: oneDNN
+    given a column slice of a weight took 57 s for a product that takes 0.07 s.
+    """
+    if onednn_inference(x):
+        flat = ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), weight.contiguous(), bias, "relu" if relu else "none", [], "")
+        return flat.view(*x.shape[:-1], -1)
+    out = x @ weight.T
+    if bias is not None:
+        out = out + bias
+    return out.relu_() if relu else out
+
+
 class MLP(nn.Sequential):
     """An nn.Sequential of Linear and in-place ReLU layers over the last dimension of its input.
 
@@ -14,10 +56,17 @@ class MLP(nn.Sequential):
     makes autograd copy the whole gradient of the view's base in the backward (CopySlices, AsStrided),
     more time than the in-place ReLU saves. With the towers' MLPs run this way, a training step of
     recflow-2stage (batch 1,024, CPU) took 0.89x-0.96x the time (two same-process A/B runs, medians of
-    eight alternating rounds).
+    eight alternating rounds). In CPU inference each Linear (and the ReLU after it) is one oneDNN `linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if onednn_inference(x):
+            layers = list(self)
+            for i, layer in enumerate(layers):
+                if isinstance(layer, nn.Linear):
+                    relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+                    x = linear(x, layer.weight, layer.bias, relu)
+            return x
         if x.dim() <= 2:
             return super().forward(x)
         return super().forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcron_dist.config.job_config import ModelConfig
 from lcron_dist.data import schema
@@ -19,7 +20,7 @@ from lcron_dist.models.din import DIN
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.data.batch import Batch
 from lcron_dist.models.embeddings import SLOT_GROUPS, SlotSplit, StageEmbeddings, StageInputs, table_configs
-from lcron_dist.models.layers import build_mlp
+from lcron_dist.models.layers import ONEDNN_LINEAR, build_mlp
 
 
 def _inputs(b: int = 3, n: int = 7, length: int = 6, d: int = 4, seed: int = 0) -> StageInputs:
@@ -225,6 +226,41 @@ def test_mlp_in_place_relu_equals_the_functional_form(shape: tuple[int, ...]) ->
     assert not _backward_nodes(got) & IN_PLACE_ON_VIEW
     for a, b in zip(torch.autograd.grad(got.square().sum(), [x, *mlp.parameters()]), expected):
         assert torch.equal(a, b)
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the name of every aten/mkldnn op dispatched under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
+def test_cpu_inference_runs_the_towers_linear_layers_through_onednn_with_the_same_scores() -> None:
+    torch.manual_seed(7)
+    d = 4
+    towers = {"din": _din(d), "dssm": DSSM(len(schema.USER_FEATURES) * d, len(schema.HISTORY_FEATURES) * d,
+                                           len(schema.ITEM_FEATURES) * d, [8, 5])}
+    x = _inputs(b=5, n=6, length=7, seed=7)
+    for name, model in towers.items():
+        with _OpLog() as training:
+            expected = model(x)
+        with torch.no_grad(), _OpLog() as inference:
+            got = model(x)
+        assert "mkldnn::_linear_pointwise" not in training.ops and "aten::addmm" in training.ops, name
+        assert "mkldnn::_linear_pointwise" in inference.ops, name
+        # Left to aten: DIN's per-request part of the head, a [B, U] x [U, H] addmm.
+        assert {"aten::addmm", "aten::mm"} & inference.ops == ({"aten::addmm"} if name == "din" else set()), name
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # traced code (torch.compile, the serving export) keeps aten's products
+        program = torch.export.export(towers["dssm"].item_tower, (x.item,), strict=False)
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("mkldnn" in op for op in ops) and "aten.linear.default" in ops, ops
 
 
 def test_din_compiled_equals_eager() -> None:
