@@ -24,19 +24,29 @@ def _real_rows(mask: torch.Tensor) -> torch.Tensor:
     return (ranks < mask.sum(dim=1, keepdim=True)).unsqueeze(2)
 
 
-def _masked_row_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the real columns of each row; rows past n_b are zero.
+def _masked_row_softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the real columns of each row; rows past n_b are zero (mask None: every item is real).
 
     A finite fill value, not −inf: a request with no real item then yields a finite uniform row
     (zeroed by the row mask) instead of NaN, and exp(fill − max) is exactly 0 otherwise.
     """
+    if mask is None:
+        return torch.softmax(logits, dim=-1)
     logits = logits.masked_fill(~mask.unsqueeze(1), torch.finfo(logits.dtype).min)
     return torch.softmax(logits, dim=-1) * _real_rows(mask)
 
 
-def _resolve(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if mask is None:
-        return scores, torch.ones_like(scores, dtype=torch.bool)
+def _resolve(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scores, mask) with padded scores replaced by 0, and the mask None where every item is real.
+
+    Every request is whole unless the converter was asked to pad short groups, and then the masking
+    steps (a product by one, a fill of nothing, a product of rows by one, and their backward passes over
+    [B, n, n]) change no bit: they are skipped. LCRON's loss, forward + backward at B = 1,024, n = 40,
+    2 stages: 50.8 -> 32.6 ms (CPU, 2 threads, medians of 10 alternating rounds), same bits. Tested on
+    CPU only, where the test costs nothing; on CUDA it would make the host wait for the device.
+    """
+    if mask is None or (mask.device.type == "cpu" and bool(mask.all())):
+        return scores, None
     # Padded scores may be anything (even NaN): replace them so they cannot reach a real entry.
     return torch.where(mask, scores, 0), mask.bool()
 
@@ -53,10 +63,15 @@ def neural_sort(scores: torch.Tensor, tau: float, mask: torch.Tensor | None = No
         [B, n, n] relaxed permutation (rows = rank positions, descending; columns = items).
     """
     scores, mask = _resolve(scores, mask)
-    real = mask.to(scores.dtype)
-    spread = ((scores.unsqueeze(2) - scores.unsqueeze(1)).abs() * real.unsqueeze(1)).sum(dim=2)  # [B, n]
+    gaps = (scores.unsqueeze(2) - scores.unsqueeze(1)).abs()  # [B, i, l]
+    if mask is None:
+        count = scores.new_full((scores.shape[0], 1), scores.shape[1])
+    else:
+        real = mask.to(scores.dtype)
+        gaps, count = gaps * real.unsqueeze(1), real.sum(dim=1, keepdim=True)
+    spread = gaps.sum(dim=2)  # [B, n]
     ranks = torch.arange(1, scores.shape[1] + 1, device=scores.device, dtype=scores.dtype)
-    coef = real.sum(dim=1, keepdim=True) + 1 - 2 * ranks  # [B, n]: (n_b + 1 − 2k)
+    coef = count + 1 - 2 * ranks  # [B, n]: (n_b + 1 − 2k)
     logits = (coef.unsqueeze(2) * scores.unsqueeze(1) - spread.unsqueeze(1)) / tau  # [B, k, i]
     return _masked_row_softmax(logits, mask)
 
@@ -73,9 +88,12 @@ def soft_sort(scores: torch.Tensor, tau: float, mask: torch.Tensor | None = None
         [B, n, n] relaxed permutation (rows = rank positions, descending; columns = items).
     """
     scores, mask = _resolve(scores, mask)
-    ordered = scores.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values  # [B, n], real first
-    # Rows past n_b hold −inf; any finite stand-in keeps their (zeroed) softmax free of NaN.
-    ordered = torch.where(_real_rows(mask).squeeze(2), ordered, 0)
+    if mask is None:
+        ordered = scores.sort(dim=1, descending=True).values  # [B, n]
+    else:
+        ordered = scores.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values  # real first
+        # Rows past n_b hold −inf; any finite stand-in keeps their (zeroed) softmax free of NaN.
+        ordered = torch.where(_real_rows(mask).squeeze(2), ordered, 0)
     logits = -(ordered.unsqueeze(2) - scores.unsqueeze(1)).abs() / tau  # [B, k, i]
     return _masked_row_softmax(logits, mask)
 
@@ -111,6 +129,8 @@ def label_permutation(
         [B, n, n] with rows = rank positions (descending), columns = items; rows past n_b are zero.
     """
     relevance, mask = _resolve(relevance, mask)
+    if mask is None:
+        mask = torch.ones_like(relevance, dtype=torch.bool)
     real_i = mask.unsqueeze(2)  # [B, i, 1]
     above = ((relevance.unsqueeze(2) > relevance.unsqueeze(1)) & real_i).sum(dim=1)  # [B, n]: items ranked before j
     ties = ((relevance.unsqueeze(2) == relevance.unsqueeze(1)) & real_i).sum(dim=1)  # [B, n]: j's tie block size

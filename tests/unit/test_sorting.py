@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcron_dist.losses.sorting import SORT_OPS, get_sort_op, label_permutation, neural_sort, soft_sort
 
@@ -108,6 +109,36 @@ def test_gradcheck(op: str, padded: bool) -> None:
     scores = scores.clone().requires_grad_()
     mask = mask if padded else None
     assert torch.autograd.gradcheck(lambda s: SORT_OPS[op](s, 0.8, mask), (scores,))
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_whole_requests_skip_the_masking_bit_for_bit(op: str) -> None:
+    """Without padding the operators do less work and give the bits of the masked computation: the same
+    requests computed in a batch that also holds a padded request (which takes the masked path)."""
+    scores, mask = _case(batch=4, n=9, seed=5)
+    mask[:3] = True  # requests 0-2 whole, request 3 padded
+    sort = get_sort_op(op)
+    results = []
+    for rows in (slice(0, 3), slice(0, 4)):
+        leaf = scores[rows].float().clone().requires_grad_(True)
+        with _OpLog() as log:
+            perm = sort(leaf, 0.7, mask[rows])
+            (perm * torch.linspace(-1, 1, 9)).sum().backward()
+        results.append((perm[:3].detach(), leaf.grad[:3], log.ops))
+    (whole, whole_grad, whole_ops), (masked, masked_grad, masked_ops) = results
+    assert torch.equal(whole, masked) and torch.equal(whole_grad, masked_grad)
+    assert "aten::masked_fill.Scalar" in masked_ops and "aten::masked_fill.Scalar" not in whole_ops
+    assert len(whole_ops) < len(masked_ops) - 3
 
 
 def test_label_permutation_is_neuralsort_at_tiny_tau_with_ties_and_padding() -> None:
