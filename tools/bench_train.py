@@ -2,7 +2,8 @@
 
 Absolute requests/s do not travel between machines, so this reports ratios from runs made back to back
 on one machine. For each side (the reference commit, checked out into a temporary git worktree, and
-this working tree) and each repeat, in alternating order (ref, ours, ref, ours, ...):
+this working tree) and each repeat, in pairs whose order alternates (ref, ours, then ours, ref, ...), so that
+a machine whose speed drifts one way during the invocation favours neither side:
 - `lcron-train` end to end on the dataset: its `train_requests_per_s` (results.json: every training
   step of the day loop, torch.compile and data loading included) and the process's wall time;
 - that side's own `tools/profile_throughput.py`: steady-state training and evaluation requests/s.
@@ -59,6 +60,15 @@ def run(cmd: list[str], root: Path, log: Path) -> float:
     return seconds
 
 
+def pair_order(repeat: int) -> tuple[str, str]:
+    """The sides of pair `repeat` in the order they run: the reference first in even pairs, ours first in odd ones.
+
+    With the reference always first, a machine slowing down through an invocation (seen: 0.92x-0.95x in
+    every pair of a run comparing bit-identical training steps) reads as a slower tree.
+    """
+    return ("ref", "ours") if repeat % 2 == 0 else ("ours", "ref")
+
+
 def measure(root: Path, work: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
     """One repeat of one side: lcron-train end to end, then profile_throughput."""
     work.mkdir(parents=True)
@@ -97,9 +107,10 @@ def main() -> None:
         subprocess.run(["git", "-C", REPO, "worktree", "prune"], check=True)
         subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "--quiet", ref_root, args.ref], check=True)
         try:
+            roots = {"ref": ref_root, "ours": REPO}
             for repeat in range(args.repeats):
-                for side, root in (("ref", ref_root), ("ours", REPO)):
-                    row = measure(root, Path(tmp) / f"{side}-{repeat}", args, overrides)
+                for side in pair_order(repeat):
+                    row = measure(roots[side], Path(tmp) / f"{side}-{repeat}", args, overrides)
                     rows[side].append(row)
                     print(f"  {side} #{repeat + 1}: end to end {row['train_requests_per_s']:,.0f} requests/s, "
                           f"steady {row['steady_requests_per_s']:,.0f}, eval {row['eval_requests_per_s']:,.0f}",
@@ -115,7 +126,7 @@ def main() -> None:
     median = {side: {k: statistics.median(r[k] for r in runs) for k, _ in keys} for side, runs in rows.items()}
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"config {args.config} {' '.join(overrides)}; data {args.data}; {os.cpu_count()} cores; "
-             f"torch threads per process: {os.environ.get('OMP_NUM_THREADS', 'torch default')}; median of {args.repeats} alternating runs per side",
+             f"torch threads per process: {os.environ.get('OMP_NUM_THREADS', 'torch default')}; median of {args.repeats} runs per side in pairs of alternating order",
              "", f"| measure | ref {args.ref} | ours ({commit} + working tree) | ours / ref | ours / ref per pair: median (range) |",
              "|---|---|---|---|---|"]
     pairs = {key: [o[key] / r[key] for r, o in zip(rows["ref"], rows["ours"])] for key, _ in keys}

@@ -63,6 +63,17 @@ def test_bench_train_compares_a_reference_commit_with_the_tree(tiny_raw: Path, t
     assert "ours #1" in out
 
 
+def test_bench_train_alternates_which_side_runs_first() -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from bench_train import pair_order
+    finally:
+        sys.path.pop(0)
+    orders = [pair_order(repeat) for repeat in range(4)]
+    assert all(sorted(order) == ["ours", "ref"] for order in orders)
+    assert [order[0] for order in orders] == ["ref", "ours", "ref", "ours"]
+
+
 def test_profile_loss_scaling_writes_table_and_plot(tmp_path: Path) -> None:
     _tool(tmp_path, None, "tools/profile_loss_scaling.py", "--losses", "lcron,bce", "--sizes", "40", "100",
           "--batch-sizes", "8", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path))
