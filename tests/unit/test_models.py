@@ -16,7 +16,7 @@ from lcron_dist.data import schema
 from lcron_dist.data.reader import LocalReader
 from lcron_dist.losses import build_loss
 from lcron_dist.models import Cascade
-from lcron_dist.models.din import DIN
+from lcron_dist.models.din import DIN, MASKED_LOGIT, attention_logits, attention_pool
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.data.batch import Batch
 from lcron_dist.models.embeddings import SLOT_GROUPS, SlotSplit, StageEmbeddings, StageInputs, table_configs
@@ -88,6 +88,21 @@ def test_din_gradients_match_the_concatenated_form() -> None:
     _din_concatenated(model, x).sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(split[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padded_history_positions_get_the_masked_logit_and_no_gradient() -> None:
+    """AttentionLogits' backward masks nothing: it relies on attention_pool giving padded logits zero gradient,
+    also in a request whose history is all padding."""
+    torch.manual_seed(8)
+    x = _inputs(b=4, n=5, length=6, seed=8)
+    parts = torch.randn(4, 6, 3), torch.randn(4, 5, 3)
+    logits = attention_logits(*parts, torch.randn(3), torch.randn(()), x.history_mask).requires_grad_(True)
+    padded = ~x.history_mask.unsqueeze(1).expand_as(logits)
+    assert padded[0].all() and (logits[padded] == MASKED_LOGIT).all() and (logits[~padded] != MASKED_LOGIT).all()
+    interest = attention_pool(logits, x.history, x.history_mask)
+    assert torch.equal(interest[0], torch.zeros_like(interest[0]))  # request 0 has no history
+    (interest * torch.randn_like(interest)).sum().backward()
+    assert (logits.grad[padded] == 0).all() and (logits.grad[~padded] != 0).any()
 
 
 def test_din_attends_to_the_history() -> None:
