@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic RecFlow twin, converted once per session for 2 and 3 stages."""
+"""Shared fixtures: one tiny synthetic RecFlow twin, converted once per session for 2 and 3 stages; a log of
+the ops a piece of code dispatches."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -28,3 +30,21 @@ def tiny_dataset(request: pytest.FixtureRequest, tiny_raw: Path, tmp_path_factor
     out = tmp_path_factory.mktemp("dataset") / f"stages{request.param}"
     convert.convert(tiny_raw, out, num_stages=request.param, progress=False)
     return out
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op dispatched under it ("aten::mm", "mkldnn::_linear_pointwise", ...), in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def op_log() -> type[OpLog]:
+    """OpLog, to use as `with op_log() as log:`."""
+    return OpLog

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcron_dist.config.job_config import ModelConfig
 from lcron_dist.data import schema
@@ -243,34 +242,22 @@ def test_mlp_in_place_relu_equals_the_functional_form(shape: tuple[int, ...]) ->
         assert torch.equal(a, b)
 
 
-class _OpLog(TorchDispatchMode):
-    """Records the name of every aten/mkldnn op dispatched under it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
-def test_cpu_inference_runs_the_towers_linear_layers_through_onednn_with_the_same_scores() -> None:
+def test_cpu_inference_runs_the_towers_linear_layers_through_onednn_with_the_same_scores(op_log) -> None:
     torch.manual_seed(7)
     d = 4
     towers = {"din": _din(d), "dssm": DSSM(len(schema.USER_FEATURES) * d, len(schema.HISTORY_FEATURES) * d,
                                            len(schema.ITEM_FEATURES) * d, [8, 5])}
     x = _inputs(b=5, n=6, length=7, seed=7)
     for name, model in towers.items():
-        with _OpLog() as training:
+        with op_log() as training:
             expected = model(x)
-        with torch.no_grad(), _OpLog() as inference:
+        with torch.no_grad(), op_log() as inference:
             got = model(x)
         assert "mkldnn::_linear_pointwise" not in training.ops and "aten::addmm" in training.ops, name
         assert "mkldnn::_linear_pointwise" in inference.ops, name
         # Left to aten: DIN's per-request part of the head, a [B, U] x [U, H] addmm.
-        assert {"aten::addmm", "aten::mm"} & inference.ops == ({"aten::addmm"} if name == "din" else set()), name
+        assert {"aten::addmm", "aten::mm"} & set(inference.ops) == ({"aten::addmm"} if name == "din" else set()), name
         torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():  # traced code (torch.compile, the serving export) keeps aten's products
         program = torch.export.export(towers["dssm"].item_tower, (x.item,), strict=False)

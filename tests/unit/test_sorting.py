@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcron_dist.losses.sorting import SORT_OPS, get_sort_op, label_permutation, neural_sort, soft_sort
 
@@ -111,18 +110,8 @@ def test_gradcheck(op: str, padded: bool) -> None:
     assert torch.autograd.gradcheck(lambda s: SORT_OPS[op](s, 0.8, mask), (scores,))
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("op", OPS)
-def test_whole_requests_skip_the_masking_bit_for_bit(op: str) -> None:
+def test_whole_requests_skip_the_masking_bit_for_bit(op: str, op_log) -> None:
     """Without padding the operators do less work and give the bits of the masked computation: the same
     requests computed in a batch that also holds a padded request (which takes the masked path)."""
     scores, mask = _case(batch=4, n=9, seed=5)
@@ -131,7 +120,7 @@ def test_whole_requests_skip_the_masking_bit_for_bit(op: str) -> None:
     results = []
     for rows in (slice(0, 3), slice(0, 4)):
         leaf = scores[rows].float().clone().requires_grad_(True)
-        with _OpLog() as log:
+        with op_log() as log:
             perm = sort(leaf, 0.7, mask[rows])
             (perm * torch.linspace(-1, 1, 9)).sum().backward()
         results.append((perm[:3].detach(), leaf.grad[:3], log.ops))
