@@ -36,8 +36,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     where aten's addmm first fills the output with the broadcast bias, accumulates the product into it and
     the ReLU passes over it again: an evaluation batch of recflow-2stage (4,096 requests, the towers'
     [163,840 x 104..128] products) took 478 -> 422 ms (medians of 8 alternating rounds, 1.08x by the median
-    pair; 2 CPU threads). Same products, so the scores agree to float32 rounding (3e-8 on those batches). The weight is made contiguous first: oneDNN
-    given a column slice of a weight took 57 s for a product that takes 0.07 s.
+    pair; 2 CPU threads). Same products, so the scores agree to float32 rounding (3e-8 on those batches).
+    The weight is made contiguous first: oneDNN given a column slice of a weight took 57 s for a product
+    that takes 0.07 s.
     """
     if onednn_inference(x):
         flat = ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), weight.contiguous(), bias, "relu" if relu else "none", [], "")
