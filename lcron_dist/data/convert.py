@@ -381,11 +381,11 @@ def convert_days(
 
     Each day's Parquet write runs on a writer thread while the next day is built: pyarrow releases
     the GIL while encoding, so the write overlaps the (GIL-bound) unpickling of the next day. At most
-    one built day waits for its write, so memory stays bounded by two days. A day already complete
-    is skipped unless `force`.
+    one built day waits for its write, so memory stays bounded by two days. Memory freed by a day is
+    kept for the next (raw.heap_kept). A day already complete is skipped unless `force`.
     """
     results = []
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    with raw.heap_kept(), ThreadPoolExecutor(max_workers=1) as writer:
         pending: tuple[Future, DayResult] | None = None
 
         def finish() -> None:
