@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from lcron_dist.components.allocator import freed_memory_kept
 from lcron_dist.data import dataset, raw, schema
 from lcron_dist.data.errors import DataError
 
@@ -382,10 +383,10 @@ def convert_days(
     Each day's Parquet write runs on a writer thread while the next day is built: pyarrow releases
     the GIL while encoding, so the write overlaps the (GIL-bound) unpickling of the next day. At most
     one built day waits for its write, so memory stays bounded by two days. Memory freed by a day is
-    kept for the next (raw.heap_kept). A day already complete is skipped unless `force`.
+    kept for the next (components.allocator). A day already complete is skipped unless `force`.
     """
     results = []
-    with raw.heap_kept(), ThreadPoolExecutor(max_workers=1) as writer:
+    with freed_memory_kept(), ThreadPoolExecutor(max_workers=1) as writer:
         pending: tuple[Future, DayResult] | None = None
 
         def finish() -> None:

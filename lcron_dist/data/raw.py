@@ -8,13 +8,11 @@ converter and the validator decide what to do with the content.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import functools
 import gc
 import operator
 import pickle
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -128,35 +126,6 @@ def gc_paused():
             gc.enable()
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-"""glibc's mallopt parameters (malloc.h), and their defaults below."""
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-
-
-@contextlib.contextmanager
-def heap_kept():
-    """Keep freed heap memory in the process, for reuse by the next day (glibc; elsewhere a no-op).
-
-    A day allocates a few hundred MB of short-lived buffers outside numpy (the pickles' bytes, the joined
-    rows). By default glibc serves the big ones with fresh mmaps and hands the heap's top back to the OS
-    as soon as they are freed, so every day faulted all its pages in again: 47k page faults per 20k-request
-    day, a quarter of its time on our 2-core machine; 17k with the heap kept. On exit the defaults are
-    restored and the kept memory is returned to the OS.
-    """
-    libc = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_MAX, 0)  # every allocation from the heap, so that freeing it keeps it
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
-
-
 class _DayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module in ("numpy._core.numeric", "numpy.core.numeric") and name == "_frombuffer":
@@ -198,7 +167,8 @@ def join_rows(
             lengths = np.fromiter(map(operator.itemgetter(0), shapes), dtype=np.int64, count=len(shapes))
             data = map(operator.itemgetter(fields.data), records)
             if head is not None and lengths.max(initial=0) > head:
-                data = map(operator.itemgetter(slice(head * width * dtype.itemsize)), data)  # bytes or bytearray: a slice copies only the head
+                # bytes or bytearray: a slice copies only the head (faster to join than memoryviews)
+                data = map(operator.itemgetter(slice(head * width * dtype.itemsize)), data)
             flat = np.frombuffer(b"".join(data), dtype=dtype)
             return flat.reshape(-1, width).astype(np.int64, copy=False), lengths
     if kinds & {tuple, _ArrayState}:

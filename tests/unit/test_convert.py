@@ -7,8 +7,6 @@ import functools
 import gc
 import json
 import pickle
-import platform
-import resource
 import shutil
 import zoneinfo
 from pathlib import Path
@@ -406,28 +404,6 @@ def test_cli_reports_bad_input_with_nonzero_exit(broken_raw: Path, tmp_path: Pat
     assert code != 0
     assert "lcron-data convert: error:" in err and "column province" in err and str(day) in err
     assert gc.isenabled(), "the cycle collector, paused while a day is built, is back on after a failed day"
-
-
-def _faults_of_a_reallocated_block(size: int = 64 << 20) -> int:
-    """Page faults taken by a fresh malloc'd block of `size` bytes, allocated and freed once before."""
-    bytearray(b"\x01") * size  # made and freed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = bytearray(b"\x01") * size  # written through, so every page is touched
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    del block
-    return faults
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="heap_kept tunes glibc's malloc")
-def test_heap_kept_reuses_freed_memory_and_restores_the_defaults() -> None:
-    pages = (64 << 20) // resource.getpagesize()
-    by_default = _faults_of_a_reallocated_block()
-    if by_default < pages // 2:
-        pytest.skip("this system backs malloc's big blocks with huge pages: no faults to save")
-    with raw.heap_kept():
-        kept = _faults_of_a_reallocated_block()
-    assert kept < pages // 20, f"a block freed inside heap_kept came back with {kept} page faults of {pages} pages"
-    assert _faults_of_a_reallocated_block() >= pages // 2, "glibc's defaults are back after heap_kept"
 
 
 def test_pad_short_groups_masks_the_missing_items(broken_raw: Path, tmp_path: Path) -> None:
