@@ -30,7 +30,7 @@ from lcron_dist.components.checkpoint import (
     first_mismatch,
     library_versions,
 )
-from lcron_dist.components.compiler import probe_vector_isa_in_background
+from lcron_dist.components.compiler import prepare_inductor_in_background
 from lcron_dist.components.logging import MetricsSink, build_logger
 from lcron_dist.components.profiling import (
     PhaseTimer,
@@ -103,7 +103,7 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory(self.log)
             if config.model.compile:
-                probe_vector_isa_in_background()
+                prepare_inductor_in_background()
         self.run_dir = Path(config.run.dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The trainer's background check of inductor's vector instruction set (components/compiler.py)."""
+"""The trainer's background set-up of inductor: its vector instruction set check and its source hash
+(components/compiler.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import subprocess
     import sys
-    from torch._inductor import cpu_vec_isa
-    from lcron_dist.components.compiler import probe_vector_isa_in_background
+    import threading
+    from torch._inductor import codecache, cpu_vec_isa
+    from lcron_dist.components.compiler import prepare_inductor_in_background
+
+    hashing_threads, build_code_hash = [], codecache.build_code_hash
+    def recorded(roots, prefix, hasher):
+        if not prefix:  # the walk's top call
+            hashing_threads.append(threading.current_thread().name)
+        return build_code_hash(roots, prefix, hasher)
+    codecache.build_code_hash = recorded
 
     run, children = subprocess.run, []
     def counted(*args, **kwargs):
         children.append(args[0])
         return run(*args, **kwargs)
     subprocess.run = counted
-    thread = probe_vector_isa_in_background()
+    thread = prepare_inductor_in_background()
     thread.join()
     assert thread.name == "inductor-vec-isa-probe"
     assert any(sys.executable in map(str, cmd) for cmd in children), children  # the dlopen probe
@@ -26,12 +35,15 @@ SCRIPT = textwrap.dedent("""
         raise AssertionError(f"the main thread probed again: {args[0]}")
     subprocess.run = refuse
     print("ISA", cpu_vec_isa.pick_vec_isa())
+    codecache.torch_key()  # what every compile's cache key asks: the prefetched hash, not a walk of its own
+    assert len(hashing_threads) == 1 and hashing_threads[0] != threading.main_thread().name, hashing_threads
 """)
 
 
-def test_the_probe_runs_on_its_thread_and_the_main_thread_reuses_its_answer():
+def test_the_probe_and_the_hash_run_on_threads_and_the_main_thread_reuses_their_answers():
     """The thread dlopens inductor's probe library in a child Python; afterwards the main thread's check
-    (what the first compiled call asks) starts no process at all."""
+    (what the first compiled call asks) starts no process at all. The source hash is computed once, off
+    the main thread."""
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ISA " in out.stdout
