@@ -76,7 +76,9 @@ class AttentionLogits(torch.autograd.Function):
     def forward(ctx, history_part, target_part, out_weight, out_bias, history_mask, logits, sums):
         ctx.sums = sums
         ctx.save_for_backward(history_part, target_part, out_weight)
-        return logits(history_part, target_part, out_weight, out_bias, history_mask)
+        # Detached, the inputs look as they do in evaluation (no requires_grad), so one compiled graph serves
+        # training and evaluation: torch.compile guards on requires_grad and compiled again for evaluation.
+        return logits(*(t.detach() for t in (history_part, target_part, out_weight, out_bias)), history_mask)
 
     @staticmethod
     def backward(ctx, grad):

@@ -284,6 +284,23 @@ def test_din_compiled_equals_eager() -> None:
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_training_and_evaluation_share_the_compiled_attention() -> None:
+    """One compiled graph per attention function: evaluation (no autograd) reuses training's, no recompile.
+    Sizes no other test uses, so the graphs counted are this test's own."""
+    torch.manual_seed(6)
+    model = DIN(len(schema.USER_FEATURES) * 4, len(schema.HISTORY_FEATURES) * 4, len(schema.ITEM_FEATURES) * 4,
+                attention_hidden=9, hidden=[8, 4], compile=True)
+    x = _inputs(b=4, n=5, length=11, seed=6)
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
+    before = graphs()
+    model(x).sum().backward()
+    trained = graphs()
+    assert trained == before + 2, "training compiles the logits (forward) and the gradient sums (backward)"
+    with torch.no_grad():
+        model(_inputs(b=3, n=5, length=11, seed=7))
+    assert graphs() == trained, "evaluation compiled the attention again"
+
+
 def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_silenced() -> None:
     """On CPU, data-parallel tables backpropagate through fbgemm's dense lookup, of which torch warns that
     no autograd kernel is registered: its table gradients equal torch.nn.EmbeddingBag's."""
