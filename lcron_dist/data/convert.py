@@ -141,13 +141,17 @@ def request_index(table: pa.Table, path: Path, day: dt.date) -> tuple[np.ndarray
     some_row[row_request] = np.arange(len(rid))  # a row of each request: which one does not matter, all must agree
     fields = {}
     for name in schema.REQUEST_COLUMNS:
-        values = table.column(name).to_numpy()
-        per_request = values[some_row]
-        differs = values != per_request[row_request]
-        if differs.any():
-            raise DataError(
-                f"request-level value differs within request {rid[differs][0]}", file=path, day=day, column=name
-            )
+        column = table.column(name)
+        per_request = column.take(some_row).to_numpy()
+        start = 0
+        for chunk in column.chunks:  # chunk by chunk: a whole column's to_numpy would copy it first
+            values = chunk.to_numpy()
+            rows = slice(start, start + len(values))
+            differs = values != per_request[row_request[rows]]
+            if differs.any():
+                raise DataError(f"request-level value differs within request {rid[rows][differs][0]}",
+                                file=path, day=day, column=name)
+            start = rows.stop
         fields[name] = per_request
     return request_ids, row_request, fields
 

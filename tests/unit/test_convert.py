@@ -471,15 +471,21 @@ def test_request_index_equals_a_sort_of_the_rows_in_any_order(spread: int) -> No
     rows = rng.permutation(np.repeat(np.arange(300), rng.integers(2, 6, 300)))  # request of each row
     assert (ids.max() - ids.min() < len(rows)) == (spread == 1), "each case takes its own way"
     fields = {name: rng.integers(0, 100, 300)[rows] for name in schema.REQUEST_COLUMNS}
-    table = pa.table({"request_id": ids[rows], **fields})
+
+    def chunked(columns: dict) -> pa.Table:  # in record batches, as a feather file is read
+        return pa.Table.from_batches(pa.table(columns).to_batches(max_chunksize=128))
+
+    table = chunked({"request_id": ids[rows], **fields})
+    assert table.column("age").num_chunks > 4
     request_ids, row_request, got = convert.request_index(table, Path("x.feather"), dt.date(2024, 1, 13))
     expected_ids, first_row, inverse = np.unique(ids[rows], return_index=True, return_inverse=True)
     assert np.array_equal(request_ids, expected_ids) and np.array_equal(row_request, inverse)
     for name in schema.REQUEST_COLUMNS:
         assert np.array_equal(got[name], fields[name][first_row]), name
-    fields["age"][np.flatnonzero(rows == rows[0])[-1]] += 1  # one row of a request disagrees
-    with pytest.raises(DataError, match=f"column age: request-level value differs within request {ids[rows[0]]}"):
-        convert.request_index(pa.table({"request_id": ids[rows], **fields}), Path("x.feather"), dt.date(2024, 1, 13))
+    late = next(r for r in rows[::-1] if np.flatnonzero(rows == r).min() >= 128)  # all its rows past chunk 0
+    fields["age"][np.flatnonzero(rows == late)[0]] += 1  # one row of the request disagrees
+    with pytest.raises(DataError, match=f"column age: request-level value differs within request {ids[late]}"):
+        convert.request_index(chunked({"request_id": ids[rows], **fields}), Path("x.feather"), dt.date(2024, 1, 13))
 
 
 @pytest.mark.parametrize("shuffle", ["requests", "rows"])
