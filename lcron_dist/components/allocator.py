@@ -44,6 +44,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _set(mallopt: Callable[[int, int], int], settings: tuple[tuple[int, int], ...]) -> bool:
+    """Apply every setting (all of them, even after one is refused: restoring defaults must not stop
+    half-way); True if glibc accepted each."""
     return all([mallopt(param, value) == 1 for param, value in settings])
 
 
