@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dataset:
         meta = dataset.load_meta(args.dataset)
-        vocab, slots = meta.vocab_sizes, max(meta.num_candidates, meta.seq_len)
+        vocab, slots = meta.vocab_sizes, schema.item_slots(meta.num_candidates, meta.seq_len)
     else:
         vocab = recflow_vocab_sizes(args.device_ids)
-        slots = max(schema.StageSetting(config.model.num_stages).num_candidates, schema.SEQ_LEN)
+        slots = schema.item_slots(schema.StageSetting(config.model.num_stages).num_candidates, schema.SEQ_LEN)
     model = Cascade(config.model, vocab, build_loss(config.loss.name, num_stages=config.model.num_stages), device="meta")
     try:
         planner = build_planner(model, config, args.device, args.world_size, slots)

@@ -132,7 +132,7 @@ class Trainer:
         model = Cascade(config.model, meta.vocab_sizes, loss, device="meta")
         model.dense.to(self.device)
         self.signature = model.signature()  # what a checkpoint must match to load into this model
-        slots = max(meta.num_candidates, meta.seq_len)  # Batch.num_slots: the KJT's bags per request
+        slots = schema.item_slots(meta.num_candidates, meta.seq_len)  # Batch.num_slots
         self.model, plan = apply_sharding(model, config, self.device, self.dist.world_size, slots)
         apply_table_init(self.model, seed)
         if self.dist.is_main:

@@ -37,7 +37,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a stage's user tables in their own collection (`sparse.<stage>.user_ebc`), the item tables in
+`sparse.<stage>.ebc`; format 1 held every table of a stage in `sparse.<stage>.ebc`."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 

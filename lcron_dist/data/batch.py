@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -47,28 +48,40 @@ class Batch:
 
     @property
     def num_slots(self) -> int:
-        """Embedding slots per request: max(N, L), so candidates and history share one layout."""
-        return max(self.item.shape[-1], self.history.shape[-1])
+        """Item embedding slots per request: N candidates, then L history positions."""
+        return schema.item_slots(self.item.shape[-1], self.history.shape[-1])
 
-    def id_features(self) -> KeyedJaggedTensor:
-        """Every id feature in one KeyedJaggedTensor of stride B·M (M = num_slots).
+    def id_features(self) -> IdFeatures:
+        """The id features as two KeyedJaggedTensors, one bag per id, keys in their schema order.
 
-        Each request owns M consecutive bags per feature, each holding one id or none: user features
-        fill slot 0, candidate features (cand_*) slots 0..N-1, history features (hist_*) slots 0..L-1.
-        An EmbeddingBagCollection then returns, per feature, a [B·M, D] tensor that is a [B, M, D]
-        view, and candidate and history features of the same kind can share one table (one module,
-        one stride), whichever sharding TorchRec applies. Keys come in schema.ID_FEATURE_KEYS order.
+        user: schema.USER_FEATURES, one bag per request (stride B). item: one key per kind of
+        schema.ITEM_FEATURES, S = N + L bags per request (stride B·S, S = num_slots): the N candidates'
+        ids, then the L history positions' (empty bags for a kind without history). An
+        EmbeddingBagCollection over `item` returns [B·S, F·D] rows that are a [B, S, F·D] view: the
+        candidates' inputs are its first N slots, the history's its last L slots' leading H·D columns
+        (the history kinds lead schema.ITEM_FEATURES), and a kind's candidates and history share one
+        table (one key), whichever sharding TorchRec applies.
         """
-        b, m = self.size, self.num_slots
-        slot = torch.arange(m, device=self.item.device)
-        values, lengths = {}, {}
-        for names, prefix, ids in ((schema.USER_FEATURES, "", self.user.unsqueeze(-1)),
-                                   (schema.ITEM_FEATURES, "cand_", self.item),
-                                   (schema.HISTORY_FEATURES, "hist_", self.history)):  # ids: [K, B, used slots]
-            # [B, M]: 1 where the slot holds an id; bags are consecutive per feature, then request.
-            present = (slot < ids.shape[-1]).to(torch.int32).expand(b, m).reshape(-1)
-            for name, column in zip(names, ids):
-                values[prefix + name], lengths[prefix + name] = column.reshape(-1), present
-        keys = list(schema.ID_FEATURE_KEYS)
-        return KeyedJaggedTensor(keys=keys, values=torch.cat([values[k] for k in keys]),
-                                 lengths=torch.cat([lengths[k] for k in keys]))
+        b, n = self.size, self.item.shape[-1]
+        user = KeyedJaggedTensor(keys=list(schema.USER_FEATURES), values=self.user.reshape(-1),
+                                 lengths=torch.ones(self.user.numel(), dtype=torch.int32, device=self.user.device))
+        slot = torch.arange(self.num_slots, device=self.item.device)
+        with_history = torch.ones_like(slot, dtype=torch.int32).expand(b, -1).reshape(-1)  # [B·S]
+        candidates_only = (slot < n).to(torch.int32).expand(b, -1).reshape(-1)
+        values, lengths = [], []
+        for k, kind in enumerate(schema.ITEM_FEATURES):
+            if k < len(schema.HISTORY_FEATURES):
+                values.append(torch.cat([self.item[k], self.history[k]], dim=1).reshape(-1))  # request by request
+                lengths.append(with_history)
+            else:
+                values.append(self.item[k].reshape(-1))
+                lengths.append(candidates_only)
+        item = KeyedJaggedTensor(keys=list(schema.ITEM_FEATURES), values=torch.cat(values), lengths=torch.cat(lengths))
+        return IdFeatures(user, item)
+
+
+class IdFeatures(NamedTuple):
+    """Batch.id_features: the user and the item KeyedJaggedTensor."""
+
+    user: KeyedJaggedTensor
+    item: KeyedJaggedTensor

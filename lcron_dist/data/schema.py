@@ -149,19 +149,15 @@ ITEM_FEATURES: tuple[str, ...] = (
 HISTORY_FEATURES: tuple[str, ...] = (
     "video_id", "author_id", "category_level_two", "category_level_one", "upload_type",
 )
-"""Per-history-position id features, stored as hist_<name>: fixed_size_list<int32, 50>."""
+"""Per-history-position id features, stored as hist_<name>: fixed_size_list<int32, 50>. They are the
+first item kinds, in the same order: a stage's table of a kind embeds its candidates and its history
+positions alike, and the embedded history is the leading columns of the embedded item layout
+(models/embeddings.py)."""
 
-TABLE_FEATURES: dict[str, tuple[str, ...]] = {
-    **{kind: (kind,) for kind in USER_FEATURES},
-    **{kind: ((f"cand_{kind}", f"hist_{kind}") if kind in HISTORY_FEATURES else (f"cand_{kind}",))
-       for kind in ITEM_FEATURES},
-}
-"""The features each kind's table embeds (a stage has one table per kind), in table order: user kinds,
-then item kinds, a candidate feature before the history feature that shares its table."""
 
-ID_FEATURE_KEYS: tuple[str, ...] = tuple(name for names in TABLE_FEATURES.values() for name in names)
-"""The keys of a batch's KeyedJaggedTensor (Batch.id_features), in the tables' feature order: in this
-order TorchRec's sharded collections take the features as they come, without permuting them per batch."""
+def item_slots(num_candidates: int, seq_len: int) -> int:
+    """Item embedding slots per request (Batch.id_features): the candidates, then the history positions."""
+    return num_candidates + seq_len
 
 TIME_VOCAB: dict[str, int] = {"weekday": 8, "hour": 25, "minute": 61}
 """Time features are 1-based (0 = padding), so a table needs these many rows."""

@@ -30,6 +30,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from lcron_dist.config.job_config import JobConfig
+from lcron_dist.data import schema
 from lcron_dist.distributed.optimizers import fused_if_available
 from lcron_dist.distributed.table_grads import skip_single_rank_reduction
 
@@ -141,8 +142,9 @@ def build_planner(model: nn.Module, config: JobConfig, device_type: str, world_s
     """TorchRec's planner, constrained per table by the configured sharding.
 
     Args:
-        slots_per_request: KeyedJaggedTensor bags per request (Batch.num_slots), so the planner's
-            batch size is the KJT stride it will actually see.
+        slots_per_request: the item collections' bags per request (Batch.num_slots), so the planner's
+            batch size is each KeyedJaggedTensor's stride as it will see it: B for the user tables,
+            B·slots for the item tables.
     """
     shardings = table_shardings(config, table_names(model), torch.device(device_type))
     check_device_support(shardings, config, torch.device(device_type))
@@ -151,13 +153,16 @@ def build_planner(model: nn.Module, config: JobConfig, device_type: str, world_s
     for name, weight in model.named_parameters():
         if ".embedding_bags." in name:
             weight._optimizer_classes = [optim_cls]  # noqa: SLF001
+    batch = config.data.batch_size
     constraints = {
-        table: ParameterConstraints(sharding_types=None if sharding == "auto" else [sharding])
+        table: ParameterConstraints(
+            sharding_types=None if sharding == "auto" else [sharding],
+            batch_sizes=[batch if table.split("__", 1)[-1] in schema.USER_FEATURES else batch * slots_per_request])
         for table, sharding in shardings.items()
     }
     return EmbeddingShardingPlanner(
         topology=build_topology(config, device_type, world_size),
-        batch_size=config.data.batch_size * slots_per_request,
+        batch_size=batch * slots_per_request,
         constraints=constraints,
         debug=False,
     )

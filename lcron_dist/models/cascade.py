@@ -68,7 +68,7 @@ class Cascade(nn.Module):
         return {
             "num_stages": len(self.stages),
             "tables": {t.name: [t.num_embeddings, t.embedding_dim] for m in self.sparse.values()
-                       for t in m.ebc.embedding_bag_configs()},
+                       for collection in m.collections() for t in collection.embedding_bag_configs()},
             "dense": {name: list(p.shape) for name, p in self.dense.named_parameters()},
         }
 

@@ -43,7 +43,7 @@ def table_bytes(model: Cascade) -> int:
     Counted by storage, so a view of a table (TorchRec keeps some) is not counted twice; fbgemm's int8
     lookup modules hold their rows as plain tensor attributes, not buffers.
     """
-    tensors = [t for stage in model.sparse.values() for m in stage.ebc.modules()
+    tensors = [t for stage in model.sparse.values() for collection in stage.collections() for m in collection.modules()
                for t in [*m.parameters(recurse=False), *m.buffers(recurse=False), *vars(m).values()] if torch.is_tensor(t)]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 

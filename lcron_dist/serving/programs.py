@@ -17,7 +17,7 @@ from torch.export import Dim, ExportedProgram
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lcron_dist.data import schema
-from lcron_dist.data.batch import Batch
+from lcron_dist.data.batch import Batch, IdFeatures
 from lcron_dist.models import Cascade
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.models.embeddings import StageEmbeddings, StageInputs
@@ -36,30 +36,24 @@ def id_batch(user: torch.Tensor, item: torch.Tensor, history: torch.Tensor) -> B
 
 
 def embed(embeddings: StageEmbeddings, user: torch.Tensor, item: torch.Tensor, history: torch.Tensor) -> StageInputs:
-    """One stage's embedded inputs of serving ids, as in training.
-
-    The history gets one more (leading, padding) position: the slot layout has max(N, L) slots, and
-    with L + 1 > N for every allowed N the exported shapes never depend on which of the two is larger
-    (torch.export would otherwise specialise on N < L). A padding position is masked out of pooling
-    and attention, so it adds exact zeros.
-    """
-    history = torch.cat([history.new_zeros((history.shape[0], 1, history.shape[2])), history], dim=1)
+    """One stage's embedded inputs of serving ids, as in training."""
     batch = id_batch(user, item, history)
     return embeddings(with_id_counts(batch.id_features(), batch), batch)
 
 
-def with_id_counts(features: KeyedJaggedTensor, batch: Batch) -> KeyedJaggedTensor:
-    """`features` with each key's id count stated: B per user feature, B·N per candidate one, B·L per history one.
+def with_id_counts(features: IdFeatures, batch: Batch) -> IdFeatures:
+    """`features` with each key's id count stated: B per user feature; B·(N + L) per item kind with
+    history, B·N per one without.
 
     Batch.id_features gives one id per used slot, so the counts follow from the shapes; stated, they spare
     the program a data-dependent size (a `.item()` and its runtime checks) per feature when TorchRec splits
     the KeyedJaggedTensor by key.
     """
     b, n, length = batch.size, batch.item.shape[-1], batch.history.shape[-1]
-    counts = [b if key in schema.USER_FEATURES else b * n if key.startswith("cand_") else b * length
-              for key in features.keys()]
-    return KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=features.lengths(),
-                             length_per_key=counts)
+    item_counts = [b * (n + length) if k < len(schema.HISTORY_FEATURES) else b * n
+                   for k in range(len(schema.ITEM_FEATURES))]
+    return IdFeatures(*(KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), length_per_key=counts)
+                        for kjt, counts in ((features.user, [b] * len(schema.USER_FEATURES)), (features.item, item_counts))))
 
 
 class UserTower(nn.Module):
@@ -70,7 +64,7 @@ class UserTower(nn.Module):
         self.embeddings, self.dssm = embeddings, dssm
 
     def forward(self, user: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        # One padding candidate keeps the training slot layout; its lookups are discarded.
+        # One padding candidate keeps the training layout; its lookups are discarded.
         item = user.new_zeros((user.shape[0], 1, len(schema.ITEM_FEATURES)))
         x = embed(self.embeddings, user, item, history)
         return self.dssm.user_tower(torch.cat([x.user, x.pooled_history()], dim=-1))
@@ -151,14 +145,15 @@ def example_inputs(name: str, seq_len: int) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def export_program(name: str, module: nn.Module, seq_len: int, max_batch: int = 1 << 15) -> ExportedProgram:
-    """torch.export `module` with a symbolic batch size (and candidate count up to `seq_len`, see embed)."""
+def export_program(name: str, module: nn.Module, seq_len: int, max_batch: int = 1 << 15,
+                   max_candidates: int = 1 << 12) -> ExportedProgram:
+    """torch.export `module` with a symbolic batch size (and candidate count)."""
     args = example_inputs(name, seq_len)
     module(*args)  # TorchRec's inference collections cache their feature order on the first call
     batch = Dim("batch", min=1, max=max_batch)
     if name == "retrieval_user":
         shapes = ({0: batch}, {0: batch})
     else:
-        candidates = Dim("candidates", min=1, max=seq_len)
+        candidates = Dim("candidates", min=1, max=max_candidates)
         shapes = ({0: batch}, {0: batch, 1: candidates}, {0: batch})
     return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)

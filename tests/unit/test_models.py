@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from lcron_dist.config.job_config import ModelConfig
 from lcron_dist.data import schema
@@ -18,7 +19,7 @@ from lcron_dist.models import Cascade
 from lcron_dist.models.din import DIN, MASKED_LOGIT, attention_logits, attention_pool
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.data.batch import Batch
-from lcron_dist.models.embeddings import SLOT_GROUPS, SlotSplit, StageEmbeddings, StageInputs, table_configs
+from lcron_dist.models.embeddings import SlotSplit, StageEmbeddings, StageInputs, table_configs
 from lcron_dist.models.layers import ONEDNN_LINEAR, build_mlp
 
 
@@ -163,64 +164,77 @@ def _random_batch(b: int, n: int, length: int, vocab: int, seed: int) -> Batch:
                  target=torch.zeros(b, n, dtype=torch.bool))
 
 
-def _embed_per_feature(module: StageEmbeddings, batch: Batch) -> StageInputs:
-    """The slot layout read feature by feature: slice each feature's [B, M, D] view, concatenate."""
-    return _per_feature_layout(module.ebc(batch.id_features()).to_dict(), batch, module.dim)
+def _looked_up(tables: dict[str, torch.Tensor], batch: Batch) -> StageInputs:
+    """StageInputs by indexing each kind's table [rows, D] (by kind) with the batch's ids directly."""
+
+    def group(names: tuple[str, ...], ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tables[name][ids[i]] for i, name in enumerate(names)], dim=-1)
+
+    return StageInputs(user=group(schema.USER_FEATURES, batch.user), item=group(schema.ITEM_FEATURES, batch.item),
+                       history=group(schema.HISTORY_FEATURES, batch.history), history_mask=batch.history[0] > 0)
 
 
-def _per_feature_layout(pooled: dict[str, torch.Tensor], batch: Batch, dim: int) -> StageInputs:
-    """StageInputs from each feature's pooled [B·M, D] embeddings."""
-    slots = batch.num_slots
+def _loss_weights(b: int, n: int, length: int, dim: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, len(schema.USER_FEATURES) * dim, generator=g),
+            torch.randn(b, n, len(schema.ITEM_FEATURES) * dim, generator=g),
+            torch.randn(b, length, len(schema.HISTORY_FEATURES) * dim, generator=g)]
 
-    def group(names: tuple[str, ...], used: int) -> torch.Tensor:
-        return torch.cat([pooled[name].view(-1, slots, dim)[:, :used] for name in names], dim=-1)
 
-    return StageInputs(user=group(SLOT_GROUPS[0], 1).squeeze(1), item=group(SLOT_GROUPS[1], batch.item.shape[-1]),
-                       history=group(SLOT_GROUPS[2], batch.history.shape[-1]), history_mask=batch.history[0] > 0)
+def _weighted_sum(x: StageInputs, weights: list[torch.Tensor]) -> torch.Tensor:
+    return sum((part * w).sum() for part, w in zip((x.user, x.item, x.history), weights))
 
 
 @pytest.mark.parametrize("n, length", [(7, 5), (4, 9)])
-def test_slot_split_equals_the_per_feature_layout(n: int, length: int) -> None:
-    vocab = 30
+def test_stage_embeddings_equal_direct_table_lookups(n: int, length: int) -> None:
+    """The two collections and SlotSplit give each tower input exactly its ids' rows, and each table the
+    gradient of indexing it directly."""
+    vocab, dim = 30, 3
     torch.manual_seed(4)
-    module = StageEmbeddings("ranking", {kind: vocab for kind in {*schema.USER_FEATURES, *schema.ITEM_FEATURES}}, 3,
+    module = StageEmbeddings("ranking", {kind: vocab for kind in {*schema.USER_FEATURES, *schema.ITEM_FEATURES}}, dim,
                              device="cpu")
     batch = _random_batch(5, n, length, vocab, seed=4)
-    weights = [torch.randn(5, n, 8 * 3), torch.randn(5, length, 5 * 3), torch.randn(5, 8 * 3)]
-    grads = []
-    for form in (module, lambda b: _embed_per_feature(module, b)):
-        module.zero_grad()
-        x = form(batch.id_features(), batch) if form is module else form(batch)
-        (x.item * weights[0]).sum().backward(retain_graph=True)
-        (x.history * weights[1]).sum().add((x.user * weights[2]).sum()).backward()
-        grads.append(({name: p.grad.clone() for name, p in module.named_parameters()}, x))
-    (new_grads, new), (old_grads, old) = grads
+    weights = _loss_weights(5, n, length, dim, seed=4)
+    params = {name.split(".")[-2].split("__")[1]: p for name, p in module.named_parameters()}
+    assert len(params) == 16
+    copies = {kind: p.detach().clone().requires_grad_() for kind, p in params.items()}
+    expected = _looked_up(copies, batch)
+    _weighted_sum(expected, weights).backward()
+    got = module(batch.id_features(), batch)
+    _weighted_sum(got, weights).backward()
     for field in ("user", "item", "history", "history_mask"):
-        assert torch.equal(getattr(new, field), getattr(old, field)), field
-    assert new_grads.keys() == old_grads.keys() and len(new_grads) == 16
-    for name in new_grads:
-        assert new_grads[name].abs().sum() > 0, name
-        torch.testing.assert_close(new_grads[name], old_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    for kind, p in params.items():
+        assert p.grad.abs().sum() > 0, kind
+        torch.testing.assert_close(p.grad, copies[kind].grad, rtol=1e-6, atol=1e-6, msg=kind)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_slot_split_gathers_and_scatters_as_advanced_indexing(seed: int) -> None:
+def test_slot_split_copies_and_scatters_as_slicing(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    b, slots, features, dim = 3, 6, 7, 2
-    n, length = (6, 4, 5)[seed], (3, 6, 2)[seed]
-    order = torch.randperm(features, generator=g).tolist()  # any key order
-    positions = (torch.tensor(order[:2]), torch.tensor(order[2:5]), torch.tensor(order[5:6]))  # order[6] in none
-    pooled = torch.randn(b * slots, features * dim, generator=g, requires_grad=True)
-    grid = pooled.view(b, slots, features, dim)
-    expected = [grid[:, :used, group].reshape(b, used, -1) for used, group in zip((1, n, length), positions)]
-    expected[0] = expected[0].squeeze(1)
-    got = SlotSplit.apply(pooled, slots, n, length, positions, dim)
+    b, n, length, columns = 3, (6, 1, 4)[seed], (3, 6, 2)[seed], 8
+    width = (5, 8, 1)[seed]  # history columns: some, all or one of the item columns
+    pooled = torch.randn(b * (n + length), columns, generator=g, requires_grad=True)
+    slots = pooled.view(b, n + length, columns)
+    expected = [slots[:, :n], slots[:, n:, :width]]
+    got = SlotSplit.apply(pooled, b, n, width)
     weights = [torch.randn(e.shape, generator=g) for e in expected]
     grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), pooled)[0]
              for outs in (expected, got)]
     for e, o in zip(expected, got):
-        assert torch.equal(o, e)
-    assert torch.equal(grads[1], grads[0])  # slots and features no group uses get zero gradient
+        assert torch.equal(o, e) and o.is_contiguous()
+    assert torch.equal(grads[1], grads[0])  # history slots' columns past `width` get zero gradient
+
+
+def test_stage_embeddings_put_permuted_features_back_in_schema_order() -> None:
+    """A sharding plan may return a collection's features in another order: the blocks are permuted back."""
+    module = StageEmbeddings("ranking", {kind: 5 for kind in {*schema.USER_FEATURES, *schema.ITEM_FEATURES}}, 2,
+                             device="cpu")
+    names = list(schema.USER_FEATURES)
+    blocks = {name: torch.full((3, 2), float(i)) for i, name in enumerate(names)}
+    for keys in (names, names[::-1]):
+        pooled = KeyedTensor.from_tensor_list(keys, [blocks[k] for k in keys])
+        assert torch.equal(module._in_order(pooled, schema.USER_FEATURES), torch.cat([blocks[k] for k in names], dim=1))
 
 
 @pytest.mark.parametrize("shape", [(30, 12), (3, 10, 12)])
@@ -323,28 +337,20 @@ def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_si
         vocab = {kind: 30 for kind in {*schema.USER_FEATURES, *schema.ITEM_FEATURES}}
         batch = _random_batch(6, 7, 5, 30, seed=6)
         model = Cascade(config.model, vocab, build_loss("lcron", num_stages=2), device="meta")
-        table_features = {t.name: t.feature_names for t in model.sparse["ranking"].ebc.embedding_bag_configs()}
         dmp, _ = apply_sharding(model, config, torch.device("cpu"), 1, batch.num_slots)
         apply_table_init(dmp, seed=0)
         stage = model.sparse["ranking"]
-        g = torch.Generator().manual_seed(6)
-        weights = [torch.randn(6, 8 * 3, generator=g), torch.randn(6, 7, 8 * 3, generator=g),
-                   torch.randn(6, 5, 5 * 3, generator=g)]
+        weights = _loss_weights(6, 7, 5, 3, seed=6)
 
         def loss(x: StageInputs) -> torch.Tensor:
-            return sum((part * w).sum() for part, w in zip((x.user, x.item, x.history), weights))
+            return _weighted_sum(x, weights)
 
-        tables = {name.split(".")[-2]: p for name, p in dmp.named_parameters() if name.startswith("sparse.ranking.")}
+        tables = {name.split(".")[-2].split("__")[1]: p for name, p in dmp.named_parameters()
+                  if name.startswith("sparse.ranking.")}
         assert len(tables) == 16 and all(p.grad is None for p in tables.values())
-        reference = {name: torch.nn.EmbeddingBag(*p.shape, mode="sum", _weight=p.detach().clone())
-                     for name, p in tables.items()}
+        reference = {kind: p.detach().clone().requires_grad_() for kind, p in tables.items()}
+        loss(_looked_up(reference, batch)).backward()
         features = batch.id_features()
-        pooled = {}
-        for table, names in table_features.items():
-            for feature in names:
-                jagged = features[feature]
-                pooled[feature] = reference[table](jagged.values(), jagged.offsets()[:-1])
-        loss(_per_feature_layout(pooled, batch, 3)).backward()
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -361,7 +367,7 @@ def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_si
             "in a world of one the tables' gradients (checked below) skip DDP's reduction"
         for name, p in tables.items():
             assert p.grad.abs().sum() > 0, name
-            torch.testing.assert_close(p.grad, reference[name].weight.grad, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(p.grad, reference[name].grad, rtol=1e-5, atol=1e-6, msg=name)
     finally:
         teardown()
 
@@ -370,5 +376,7 @@ def test_id_features_come_in_the_order_of_the_tables(tiny_dataset: Path) -> None
     """TorchRec takes a KeyedJaggedTensor without permuting it when its keys follow the tables' features."""
     reader = LocalReader(tiny_dataset, batch_size=4)
     batch = next(reader.iter_day(reader.meta.day_list[0], shuffle=False))
-    tables = table_configs("ranking", reader.meta.vocab_sizes, 4)
-    assert batch.id_features().keys() == [name for table in tables for name in table.feature_names]
+    features = batch.id_features()
+    for kjt, kinds in ((features.user, schema.USER_FEATURES), (features.item, schema.ITEM_FEATURES)):
+        tables = table_configs("ranking", kinds, reader.meta.vocab_sizes, 4)
+        assert kjt.keys() == [name for table in tables for name in table.feature_names]

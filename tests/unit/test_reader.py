@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lcron_dist.data import dataset, schema
 from lcron_dist.data.reader import LocalReader, plan_batches
@@ -88,32 +89,39 @@ def test_unknown_day_is_a_clear_error(tiny_dataset: Path) -> None:
         LocalReader(tiny_dataset, 8).num_batches(dt.date(2020, 1, 1))
 
 
-def test_id_features_feed_a_torchrec_collection_with_shared_tables(tiny_dataset: Path) -> None:
+def test_id_features_feed_torchrec_collections_with_shared_tables(tiny_dataset: Path) -> None:
+    """User features: one bag per request. Item kinds: N candidate slots, then L history slots, one table
+    for both; a kind without history has empty history slots."""
     reader = LocalReader(tiny_dataset, batch_size=8)
     meta = reader.meta
     batch = next(reader.iter_day(meta.day_list[0], shuffle=False))
-    b, n, m, dim = batch.size, meta.num_candidates, batch.num_slots, 4
+    b, n, s, dim = batch.size, meta.num_candidates, batch.num_slots, 4
+    assert s == n + meta.seq_len
     features = batch.id_features()
-    assert features.stride() == b * m
-    shared = ("video_id", "author_id")
-    tables = [
-        EmbeddingBagConfig(name=f"t_{kind}", embedding_dim=dim, num_embeddings=meta.vocab_sizes[kind],
-                           feature_names=[f"cand_{kind}", f"hist_{kind}"], pooling=PoolingType.SUM)
-        for kind in shared
-    ] + [EmbeddingBagConfig(name="t_province", embedding_dim=dim, num_embeddings=meta.vocab_sizes["province"],
-                            feature_names=["province"], pooling=PoolingType.SUM)]
-    ebc = EmbeddingBagCollection(tables=tables)
-    weights = {name.split(".")[1]: w for name, w in ebc.named_parameters()}
-    pooled = ebc(features)
-    for kind in shared:
-        cand = pooled[f"cand_{kind}"].view(b, m, dim)
-        hist = pooled[f"hist_{kind}"].view(b, m, dim)
-        assert torch.equal(cand[:, :n], weights[f"t_{kind}"][batch.item[schema.ITEM_FEATURES.index(kind)]])
-        assert torch.equal(hist[:, : schema.SEQ_LEN], weights[f"t_{kind}"][batch.history[schema.HISTORY_FEATURES.index(kind)]])
-        assert not cand[:, n:].any(), "slots past N hold no candidate"
-    user = pooled["province"].view(b, m, dim)
-    assert torch.equal(user[:, 0], weights["t_province"][batch.user[schema.USER_FEATURES.index("province")]])
-    assert not user[:, 1:].any()
+    assert features.user.stride() == b and features.item.stride() == b * s
+
+    def collection(kinds: tuple[str, ...]) -> EmbeddingBagCollection:
+        return EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{kind}", embedding_dim=dim, num_embeddings=meta.vocab_sizes[kind],
+                               feature_names=[kind], pooling=PoolingType.SUM) for kind in kinds])
+
+    item_kinds = ("video_id", "author_id", "upload_hour")  # two with history, one without
+    collections = {"user": collection(("province",)), "item": collection(item_kinds)}
+    weights = {name.split(".")[1][2:]: w for ebc in collections.values() for name, w in ebc.named_parameters()}
+    pooled = collections["item"](KeyedJaggedTensor.from_lengths_sync(
+        item_kinds, torch.cat([features.item[k].values() for k in item_kinds]),
+        torch.cat([features.item[k].lengths() for k in item_kinds])))
+    for kind in item_kinds:
+        slots = pooled[kind].view(b, s, dim)
+        assert torch.equal(slots[:, :n], weights[kind][batch.item[schema.ITEM_FEATURES.index(kind)]])
+        if kind in schema.HISTORY_FEATURES:
+            assert torch.equal(slots[:, n:], weights[kind][batch.history[schema.HISTORY_FEATURES.index(kind)]])
+        else:
+            assert not slots[:, n:].any(), "a kind without history has empty history slots"
+    user = KeyedJaggedTensor.from_lengths_sync(["province"], features.user["province"].values(),
+                                               features.user["province"].lengths())
+    assert torch.equal(collections["user"](user)["province"],
+                       weights["province"][batch.user[schema.USER_FEATURES.index("province")]])
 
 
 def test_resuming_a_day_skips_the_trained_global_batches(tiny_dataset: Path) -> None:
