@@ -32,7 +32,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from lcron_dist.config.job_config import JobConfig
 from lcron_dist.data import schema
 from lcron_dist.distributed.optimizers import fused_if_available
-from lcron_dist.distributed.table_grads import skip_single_rank_reduction
+from lcron_dist.distributed.table_grads import unwrap_single_rank_lookups
 
 FUSED_OPTIMIZERS = {
     "adam": EmbOptimType.ADAM,
@@ -273,7 +273,7 @@ def apply_sharding(model: nn.Module, config: JobConfig, device: torch.device, wo
     )
     if device.type == "cpu" and ShardingType.DATA_PARALLEL.value in sharding_types(dmp).values():
         silence_dense_lookup_warning()
-    skip_single_rank_reduction(dmp)
+    unwrap_single_rank_lookups(dmp)
     return dmp, describe_plan(placements(planner), world_size)
 
 

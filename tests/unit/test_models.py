@@ -326,9 +326,8 @@ def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_si
         apply_table_init,
         silence_dense_lookup_warning,
     )
+    from torch.nn.parallel import DistributedDataParallel
     from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
-
-    from lcron_dist.distributed.table_grads import keep_gradient
 
     init_distributed()
     try:
@@ -363,8 +362,8 @@ def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_si
             loss(stage(features, batch)).backward()
             assert not any(re.search(DENSE_LOOKUP_WARNING, str(w.message)) for w in caught)
         lookups = [lookup for m in stage.modules() if isinstance(m, ShardedEmbeddingBagCollection) for lookup in m._lookups]
-        assert lookups and all(m._get_ddp_logging_data().get("comm_hook") == keep_gradient.__qualname__ for m in lookups), \
-            "in a world of one the tables' gradients (checked below) skip DDP's reduction"
+        assert len(lookups) == 2 and not any(isinstance(m, DistributedDataParallel) for m in lookups), \
+            "in a world of one the lookups (whose gradients are checked below) run without DDP"
         for name, p in tables.items():
             assert p.grad.abs().sum() > 0, name
             torch.testing.assert_close(p.grad, reference[name].grad, rtol=1e-5, atol=1e-6, msg=name)
