@@ -71,7 +71,8 @@ class StageEmbeddings(nn.Module):
         """Embed `features` (batch.id_features(), shared by every stage) for this stage."""
         user = self._in_order(self.user_ebc(features.user), schema.USER_FEATURES)  # [B, U·D]
         pooled = self._in_order(self.ebc(features.item), schema.ITEM_FEATURES)  # [B·S, F·D]
-        item, history = SlotSplit.apply(pooled, batch.size, batch.item.shape[-1], len(schema.HISTORY_FEATURES) * self.dim)
+        history_width = len(schema.HISTORY_FEATURES) * self.dim
+        item, history = SlotSplit.apply(pooled, batch.size, batch.item.shape[-1], history_width)
         return StageInputs(user=user, item=item, history=history, history_mask=batch.history[0] > 0)
 
     def _in_order(self, pooled: KeyedTensor, names: tuple[str, ...]) -> torch.Tensor:

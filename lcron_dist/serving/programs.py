@@ -52,8 +52,9 @@ def with_id_counts(features: IdFeatures, batch: Batch) -> IdFeatures:
     b, n, length = batch.size, batch.item.shape[-1], batch.history.shape[-1]
     item_counts = [b * (n + length) if k < len(schema.HISTORY_FEATURES) else b * n
                    for k in range(len(schema.ITEM_FEATURES))]
-    return IdFeatures(*(KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), length_per_key=counts)
-                        for kjt, counts in ((features.user, [b] * len(schema.USER_FEATURES)), (features.item, item_counts))))
+    stated = ((features.user, [b] * len(schema.USER_FEATURES)), (features.item, item_counts))
+    return IdFeatures(*(KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
+                                          length_per_key=counts) for kjt, counts in stated))
 
 
 class UserTower(nn.Module):

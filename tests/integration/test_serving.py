@@ -151,7 +151,8 @@ import fbgemm_gpu  # registers the fbgemm ops
 shapes = {}
 for root in map(Path, sys.argv[1:]):
     manifest = json.loads((root / "manifest.json").read_text())
-    b, n, width = 2, 20, {k: len(v) for k, v in manifest["inputs"].items()}
+    # more candidates than history positions and than training's N (the programs' N is symbolic)
+    b, n, width = 2, manifest["seq_len"] + 5, {k: len(v) for k, v in manifest["inputs"].items()}
     user = torch.ones(b, width["user"], dtype=torch.int64)
     item = torch.ones(b, n, width["item"], dtype=torch.int64)
     history = torch.ones(b, manifest["seq_len"], width["history"], dtype=torch.int64)
@@ -174,9 +175,11 @@ def test_programs_load_with_torch_and_fbgemm_only(exports: dict[str, Path], tmp_
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["training_stack"] == []
     hidden = {name: json.loads((exports[name] / "manifest.json").read_text()) for name in ("3stage", "2stage-int8")}
+    n = hidden["3stage"]["seq_len"] + 5
+    assert hidden["2stage-int8"]["seq_len"] + 5 == n
     assert out["shapes"] == {
-        "3stage/retrieval_user": [2, 16], "3stage/prerank": [2, 20], "3stage/ranking": [2, 20],
-        "2stage-int8/retrieval_user": [2, 16], "2stage-int8/ranking": [2, 20]}, hidden
+        "3stage/retrieval_user": [2, 16], "3stage/prerank": [2, n], "3stage/ranking": [2, n],
+        "2stage-int8/retrieval_user": [2, 16], "2stage-int8/ranking": [2, n]}, hidden
 
 
 def test_missing_or_incomplete_checkpoint_is_named(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
