@@ -60,11 +60,14 @@ class Batch:
         EmbeddingBagCollection over `item` returns [B·S, F·D] rows that are a [B, S, F·D] view: the
         candidates' inputs are its first N slots, the history's its last L slots' leading H·D columns
         (the history kinds lead schema.ITEM_FEATURES), and a kind's candidates and history share one
-        table (one key), whichever sharding TorchRec applies.
+        table (one key), whichever sharding TorchRec applies. Each key's id count follows from the shapes
+        and is stated (length_per_key), so splitting the KJTs by key needs no data-dependent size (in an
+        exported serving program, no `.item()` and its runtime checks per feature).
         """
         b, n = self.size, self.item.shape[-1]
         user = KeyedJaggedTensor(keys=list(schema.USER_FEATURES), values=self.user.reshape(-1),
-                                 lengths=torch.ones(self.user.numel(), dtype=torch.int32, device=self.user.device))
+                                 lengths=torch.ones(self.user.numel(), dtype=torch.int32, device=self.user.device),
+                                 length_per_key=[b] * len(schema.USER_FEATURES))
         slot = torch.arange(self.num_slots, device=self.item.device)
         with_history = torch.ones_like(slot, dtype=torch.int32).expand(b, -1).reshape(-1)  # [B·S]
         candidates_only = (slot < n).to(torch.int32).expand(b, -1).reshape(-1)
@@ -76,7 +79,8 @@ class Batch:
             else:
                 values.append(self.item[k].reshape(-1))
                 lengths.append(candidates_only)
-        item = KeyedJaggedTensor(keys=list(schema.ITEM_FEATURES), values=torch.cat(values), lengths=torch.cat(lengths))
+        item = KeyedJaggedTensor(keys=list(schema.ITEM_FEATURES), values=torch.cat(values), lengths=torch.cat(lengths),
+                                 length_per_key=[v.numel() for v in values])
         return IdFeatures(user, item)
 
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lcron_dist.data import schema
-from lcron_dist.data.batch import Batch, IdFeatures
+from lcron_dist.data.batch import Batch
 from lcron_dist.models import Cascade
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.models.embeddings import StageEmbeddings, StageInputs
@@ -38,23 +37,7 @@ def id_batch(user: torch.Tensor, item: torch.Tensor, history: torch.Tensor) -> B
 def embed(embeddings: StageEmbeddings, user: torch.Tensor, item: torch.Tensor, history: torch.Tensor) -> StageInputs:
     """One stage's embedded inputs of serving ids, as in training."""
     batch = id_batch(user, item, history)
-    return embeddings(with_id_counts(batch.id_features(), batch), batch)
-
-
-def with_id_counts(features: IdFeatures, batch: Batch) -> IdFeatures:
-    """`features` with each key's id count stated: B per user feature; B·(N + L) per item kind with
-    history, B·N per one without.
-
-    Batch.id_features gives one id per used slot, so the counts follow from the shapes; stated, they spare
-    the program a data-dependent size (a `.item()` and its runtime checks) per feature when TorchRec splits
-    the KeyedJaggedTensor by key.
-    """
-    b, n, length = batch.size, batch.item.shape[-1], batch.history.shape[-1]
-    item_counts = [b * (n + length) if k < len(schema.HISTORY_FEATURES) else b * n
-                   for k in range(len(schema.ITEM_FEATURES))]
-    stated = ((features.user, [b] * len(schema.USER_FEATURES)), (features.item, item_counts))
-    return IdFeatures(*(KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
-                                          length_per_key=counts) for kjt, counts in stated))
+    return embeddings(batch.id_features(), batch)
 
 
 class UserTower(nn.Module):

@@ -1,8 +1,9 @@
 """A complete checkpoint -> one unsharded Cascade on the CPU, in one process, without a process group.
 
 Checkpoints hold the tables as TorchRec wrote them from the DMP state dict (`tables.sparse.<stage>.ebc.
-embedding_bags.<table>.weight`, `user_ebc` for the user tables: whole tensors for data-parallel tables, ShardedTensor chunks for
-table-, row- or column-wise ones, from any world size) and the dense weights unpartitioned (`dense.<name>`).
+embedding_bags.<table>.weight`, `user_ebc` for the user tables: whole tensors for data-parallel tables,
+ShardedTensor chunks for table-, row- or column-wise ones, from any world size) and the dense weights
+unpartitioned (`dense.<name>`).
 DCP's planner reads any saved chunk layout into a whole destination tensor, so loading the weights of an
 unsharded model with `no_dist=True` works for every world size and sharding; the optimizer state is not
 read at all.

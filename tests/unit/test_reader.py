@@ -99,6 +99,8 @@ def test_id_features_feed_torchrec_collections_with_shared_tables(tiny_dataset: 
     assert s == n + meta.seq_len
     features = batch.id_features()
     assert features.user.stride() == b and features.item.stride() == b * s
+    for kjt in features:  # the stated id counts are the lengths' sums per key
+        assert kjt.length_per_key() == kjt.lengths().view(len(kjt.keys()), -1).sum(1).tolist()
 
     def collection(kinds: tuple[str, ...]) -> EmbeddingBagCollection:
         return EmbeddingBagCollection(tables=[
