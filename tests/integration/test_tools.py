@@ -60,7 +60,7 @@ def test_bench_train_compares_a_reference_commit_with_the_tree(tiny_raw: Path, t
     assert runs["ref"][0]["joint_recall"] > 0 and runs["ours"][0]["train_requests_per_s"] > 0
     pair = json.loads((tmp_path / "out" / "bench_train.json").read_text())["pair_ratios"]["eval_requests_per_s"]
     assert pair == [runs["ours"][0]["eval_requests_per_s"] / runs["ref"][0]["eval_requests_per_s"]]
-    assert "ours #1" in out
+    assert "ours #1" in out and "ref warm-up #1" in out and "ours warm-up #1" in out
 
 
 def test_bench_train_alternates_which_side_runs_first() -> None:
