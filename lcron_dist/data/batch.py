@@ -55,12 +55,12 @@ class Batch:
         """The id features as two KeyedJaggedTensors, one bag per id, keys in their schema order.
 
         user: schema.USER_FEATURES, one bag per request (stride B). item: one key per kind of
-        schema.ITEM_FEATURES, S = N + L bags per request (stride B·S, S = num_slots): the N candidates'
-        ids, then the L history positions' (empty bags for a kind without history). An
-        EmbeddingBagCollection over `item` returns [B·S, F·D] rows that are a [B, S, F·D] view: the
-        candidates' inputs are its first N slots, the history's its last L slots' leading H·D columns
-        (the history kinds lead schema.ITEM_FEATURES), and a kind's candidates and history share one
-        table (one key), whichever sharding TorchRec applies. Each key's id count follows from the shapes
+        schema.ITEM_FEATURES, S = N + L bags per request (stride B·S, S = num_slots): the B·N
+        candidates' ids, request by request, then the B·L history positions' (empty bags for a kind
+        without history). An EmbeddingBagCollection over `item` returns [B·S, F·D] rows in two blocks:
+        the first B·N rows are the candidates' inputs as they are ([B, N, F·D], no copy), the last B·L
+        rows' leading H·D columns the history's (the history kinds lead schema.ITEM_FEATURES); a
+        kind's candidates and history share one table (one key), whichever sharding TorchRec applies. Each key's id count follows from the shapes
         and is stated (length_per_key), so splitting the KJTs by key needs no data-dependent size (in an
         exported serving program, no `.item()` and its runtime checks per feature).
         """
@@ -68,13 +68,12 @@ class Batch:
         user = KeyedJaggedTensor(keys=list(schema.USER_FEATURES), values=self.user.reshape(-1),
                                  lengths=torch.ones(self.user.numel(), dtype=torch.int32, device=self.user.device),
                                  length_per_key=[b] * len(schema.USER_FEATURES))
-        slot = torch.arange(self.num_slots, device=self.item.device)
-        with_history = torch.ones_like(slot, dtype=torch.int32).expand(b, -1).reshape(-1)  # [B·S]
-        candidates_only = (slot < n).to(torch.int32).expand(b, -1).reshape(-1)
+        with_history = torch.ones(b * self.num_slots, dtype=torch.int32, device=self.item.device)  # [B·S]
+        candidates_only = torch.cat([with_history[: b * n], torch.zeros_like(with_history[b * n:])])
         values, lengths = [], []
         for k, kind in enumerate(schema.ITEM_FEATURES):
             if k < len(schema.HISTORY_FEATURES):
-                values.append(torch.cat([self.item[k], self.history[k]], dim=1).reshape(-1))  # request by request
+                values.append(torch.cat([self.item[k].reshape(-1), self.history[k].reshape(-1)]))
                 lengths.append(with_history)
             else:
                 values.append(self.item[k].reshape(-1))

@@ -90,8 +90,8 @@ def test_unknown_day_is_a_clear_error(tiny_dataset: Path) -> None:
 
 
 def test_id_features_feed_torchrec_collections_with_shared_tables(tiny_dataset: Path) -> None:
-    """User features: one bag per request. Item kinds: N candidate slots, then L history slots, one table
-    for both; a kind without history has empty history slots."""
+    """User features: one bag per request. Item kinds: the batch's B·N candidate slots, then its B·L
+    history slots, one table for both; a kind without history has empty history slots."""
     reader = LocalReader(tiny_dataset, batch_size=8)
     meta = reader.meta
     batch = next(reader.iter_day(meta.day_list[0], shuffle=False))
@@ -114,12 +114,12 @@ def test_id_features_feed_torchrec_collections_with_shared_tables(tiny_dataset: 
         item_kinds, torch.cat([features.item[k].values() for k in item_kinds]),
         torch.cat([features.item[k].lengths() for k in item_kinds])))
     for kind in item_kinds:
-        slots = pooled[kind].view(b, s, dim)
-        assert torch.equal(slots[:, :n], weights[kind][batch.item[schema.ITEM_FEATURES.index(kind)]])
+        candidates, history = pooled[kind][: b * n].view(b, n, dim), pooled[kind][b * n:].view(b, -1, dim)
+        assert torch.equal(candidates, weights[kind][batch.item[schema.ITEM_FEATURES.index(kind)]])
         if kind in schema.HISTORY_FEATURES:
-            assert torch.equal(slots[:, n:], weights[kind][batch.history[schema.HISTORY_FEATURES.index(kind)]])
+            assert torch.equal(history, weights[kind][batch.history[schema.HISTORY_FEATURES.index(kind)]])
         else:
-            assert not slots[:, n:].any(), "a kind without history has empty history slots"
+            assert not history.any(), "a kind without history has empty history slots"
     user = KeyedJaggedTensor.from_lengths_sync(["province"], features.user["province"].values(),
                                                features.user["province"].lengths())
     assert torch.equal(collections["user"](user)["province"],
