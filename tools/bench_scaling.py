@@ -1,11 +1,14 @@
 """Scaling on this machine: requests/s, peak RSS per rank, and the share of step time in communication.
 
 For each config and process count it launches `torchrun` on this script; every rank builds the real
-Trainer, warms up, then runs N training steps under torch.profiler. Communication time is the CPU time
+Trainer, warms up, times N training steps, then runs a few more under torch.profiler. The profiler
+stays out of the timed steps: its own cost grows with what a step records, more with more ranks (2 x 1
+steps of small-2stage: 162-216 ms in four runs timed under it, 117-137 ms in four runs half an hour
+later without it, while 1 x 1 stayed at 90-111 ms). Communication time is the CPU time
 of the collective ops the profiler records (gloo/NCCL all-reduce, all-to-all, reduce-scatter,
-all-gather, broadcast, and their waits); the share is that over the step time. Collectives that run
-asynchronously (DDP's all-reduce of data-parallel tables) count only for the time the step waits on
-them, so the ceiling below is the better measure of what communication costs.
+all-gather, broadcast, and their waits); the share is that over the profiled steps' time. Collectives
+that run asynchronously (DDP's all-reduce of data-parallel tables) count only for the time the step
+waits on them, so the ceiling below is the better measure of what communication costs.
 
 For each process count N > 1 it also runs N independent one-process jobs at once, each with the same
 threads: their summed requests/s is what this machine gives N processes that never talk (shared
@@ -13,10 +16,13 @@ caches, memory bandwidth), the ceiling for N ranks. The jobs start their timed s
 waits, after its warm-up, until all are ready) and each keeps training, untimed, until every job has
 finished its timed steps, so no job is timed while another is still starting up or already done
 (which would make the ceiling look higher than it is); the table gives the share of the timed steps
-during which every other job was training too. Prints a markdown table.
+during which every other job was training too. Every process count runs --repeats times, in
+alternating order (1, 2, then 2, 1, ...): the machine's speed drifts between runs (one process's step
+ranged 96-111 ms across four runs in one hour), so the table gives medians and each repeat's speed-up
+over the one-process run of the same repeat. Prints a markdown table.
 
     python tools/bench_scaling.py --configs configs/tiny-2stage.toml configs/small-2stage.toml --nprocs 1 2 \\
-        [--steps 8] [--threads T] [-- --data.path=... overrides]
+        [--steps 8] [--profiled-steps 4] [--threads T] [--repeats 3] [-- --data.path=... overrides]
 
 With --threads 1, "2 x 1 vs 1 x 1" is the speedup from a second process alone (the default gives each
 process cores / processes threads, so 1 process uses every core).
@@ -30,6 +36,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import tempfile
 import time
@@ -58,21 +65,24 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
             if b.size == config.data.batch_size]
     if not full:
         raise SystemExit(f"no full batch of {config.data.batch_size} requests in the training days")
-    batches = list(itertools.islice(itertools.cycle(full), args.warmup + args.steps))  # small data: reuse batches
-    for batch in batches[: args.warmup]:
-        trainer.train_step(batch)
+    more = itertools.cycle(full)  # small data: batches are reused
+    for _ in range(args.warmup):
+        trainer.train_step(next(more))
     sync = Path(args.sync_dir) if args.sync_dir else None
     if sync is not None:
         wait_for_all(sync, "ready", args.job, args.jobs)
     dist.barrier()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        window_start, start = time.time(), time.perf_counter()
-        for batch in batches[args.warmup: args.warmup + args.steps]:
-            trainer.train_step(batch)
-        seconds = time.perf_counter() - start
+    window_start, start = time.time(), time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step(next(more))
+    seconds = time.perf_counter() - start
     window_end = time.time()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiled_start = time.perf_counter()
+        for _ in range(args.profiled_steps):
+            trainer.train_step(next(more))
+        profiled_seconds = time.perf_counter() - profiled_start
     if sync is not None:  # keep the machine as busy for the other jobs until they are done too
-        more = itertools.cycle(full)
         wait_for_all(sync, "done", args.job, args.jobs, step=lambda: trainer.train_step(next(more)))
     comm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if COMM.search(e.key))
     mine = {
@@ -80,7 +90,7 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
         "busy_until": time.time(),  # training from window_start until then
         "rank": trainer.dist.rank,
         "step_ms": seconds / args.steps * 1000,
-        "comm_share": comm_us / 1e6 / seconds,
+        "comm_share": comm_us / 1e6 / profiled_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "requests_per_s": args.steps * config.data.batch_size / seconds,
         "threads": torch.get_num_threads(),
@@ -123,7 +133,9 @@ def main() -> None:
     parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profiled-steps", type=int, default=4, help="steps profiled for the communication share")
     parser.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every process count, in alternating order")
     parser.add_argument("--config", help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--report", help=argparse.SUPPRESS)
     parser.add_argument("--sync-dir", help=argparse.SUPPRESS)  # independent jobs: where they meet
@@ -135,36 +147,48 @@ def main() -> None:
         worker(args, overrides)
         return
 
-    rows = []
+    runs: dict[tuple[str, int], list[dict]] = {}
     for config in args.configs:
-        for nprocs in args.nprocs:
-            threads = args.threads or max(1, os.cpu_count() // nprocs)
-            ranks = run_jobs(config, [nprocs], threads, args, overrides)
-            total = sum(r["requests_per_s"] for r in ranks) / len(ranks) * nprocs
-            independent = run_jobs(config, [1] * nprocs, threads, args, overrides) if nprocs > 1 else []
-            ceiling = sum(r["requests_per_s"] for r in independent) if independent else None
-            rows.append((config, nprocs, ranks, total, ceiling, overlap(independent) if independent else None))
-            print(f"  {config} × {nprocs}: {total:,.0f} requests/s"
-                  + (f"; {nprocs} independent 1-process jobs: {ceiling:,.0f}" if ceiling else ""), flush=True)
+        for repeat in range(args.repeats):
+            # Process counts in alternating order, so a machine drifting one way favours none of them.
+            for nprocs in args.nprocs if repeat % 2 == 0 else args.nprocs[::-1]:
+                threads = args.threads or max(1, os.cpu_count() // nprocs)
+                ranks = run_jobs(config, [nprocs], threads, args, overrides)
+                independent = run_jobs(config, [1] * nprocs, threads, args, overrides) if nprocs > 1 else []
+                run = {"ranks": ranks, "total": sum(r["requests_per_s"] for r in ranks) / len(ranks) * nprocs,
+                       "ceiling": sum(r["requests_per_s"] for r in independent) if independent else None,
+                       "together": overlap(independent) if independent else None}
+                runs.setdefault((config, nprocs), []).append(run)
+                print(f"  {config} × {nprocs} (repeat {repeat + 1}): {run['total']:,.0f} requests/s"
+                      + (f"; {nprocs} independent 1-process jobs: {run['ceiling']:,.0f}" if independent else ""),
+                      flush=True)
 
     threads = f"{args.threads}" if args.threads else "cores / processes"
-    print(f"\nmachine: {os.cpu_count()} cores; {args.steps} timed steps after {args.warmup} warm-up; "
-          f"torch threads per rank: {threads}\n")
-    print("| config | processes x threads | requests/s (all ranks) | vs 1 process | independent jobs (ceiling) | "
-          "vs ceiling | independent jobs all training | step ms (per rank) | peak RSS MiB (per rank) | "
-          "communication share (per rank) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    single = {config: total for config, nprocs, _, total, _, _ in rows if nprocs == 1}
-    for config, nprocs, ranks, total, ceiling, together in rows:
+    print(f"\nmachine: {os.cpu_count()} cores; {args.steps} timed steps after {args.warmup} warm-up, then "
+          f"{args.profiled_steps} profiled for the communication share; torch threads per rank: {threads}; "
+          f"{args.repeats} repeat(s): medians, and the speed-up of each repeat over that repeat's 1 process\n")
+    print("| config | processes x threads | requests/s (all ranks) | vs 1 process | vs 1 process per repeat | "
+          "independent jobs (ceiling) | vs ceiling | independent jobs all training | step ms (per rank) | "
+          "peak RSS MiB (per rank) | communication share (per rank) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (config, nprocs), repeats in runs.items():
+        single = runs.get((config, 1))
+        total = statistics.median(r["total"] for r in repeats)
+        middle = sorted(repeats, key=lambda r: r["total"])[(len(repeats) - 1) // 2]  # per-rank figures of the median run
+        speedup = f"{total / statistics.median(r['total'] for r in single):.2f}x" if single else "-"
+        each_repeat = " / ".join(f"{r['total'] / s['total']:.2f}x" for r, s in zip(repeats, single)) if single else "-"
+        ceilings = [r["ceiling"] for r in repeats if r["ceiling"]]
+        ceiling = statistics.median(ceilings) if ceilings else None
+        independent = (f"{ceiling:,.0f} ({ceiling / statistics.median(r['total'] for r in single):.2f}x)"
+                       if ceiling and single else f"{ceiling:,.0f}" if ceiling else "-")
+        together = f"{min(r['together'] for r in repeats):.1%}" if ceiling else "-"
+
         def each(key: str, fmt: str) -> str:
-            return " / ".join(format(r[key], fmt) for r in ranks)
-        speedup = f"{total / single[config]:.2f}x" if config in single else "-"
-        independent = (f"{ceiling:,.0f} ({ceiling / single[config]:.2f}x)" if ceiling and config in single
-                       else f"{ceiling:,.0f}" if ceiling else "-")
-        print(f"| {Path(config).stem} | {nprocs} x {ranks[0]['threads']} | {total:,.0f} | {speedup} | {independent} | "
-              f"{f'{total / ceiling:.0%}' if ceiling else '-'} | {f'{together:.1%}' if ceiling else '-'} | "
-              f"{each('step_ms', '.0f')} | "
-              f"{each('peak_rss_mib', ',.0f')} | {each('comm_share', '.2%')} |")
+            return " / ".join(format(rank[key], fmt) for rank in middle["ranks"])
+
+        print(f"| {Path(config).stem} | {nprocs} x {middle['ranks'][0]['threads']} | {total:,.0f} | {speedup} | "
+              f"{each_repeat} | {independent} | {f'{total / ceiling:.0%}' if ceiling else '-'} | {together} | "
+              f"{each('step_ms', '.0f')} | {each('peak_rss_mib', ',.0f')} | {each('comm_share', '.2%')} |")
 
 
 def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespace, overrides: list[str]) -> list[dict]:
@@ -175,7 +199,7 @@ def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespa
         sync = ["--sync-dir", tmp, "--jobs", str(len(sizes))] if len(sizes) > 1 else []
         jobs = [launch_local(Path(__file__).resolve(), n, [
             "--config", config, "--report", f"{tmp}/report{i}.json", "--steps", str(args.steps),
-            "--warmup", str(args.warmup), *sync, "--job", str(i), f"--run.dir={tmp}/run{i}", *overrides],
+            "--warmup", str(args.warmup), "--profiled-steps", str(args.profiled_steps), *sync, "--job", str(i), f"--run.dir={tmp}/run{i}", *overrides],
             threads, repo, stdout=logs[i], stderr=subprocess.STDOUT) for i, n in enumerate(sizes)]
         for i, job in enumerate(jobs):
             if job.wait() != 0:
