@@ -173,14 +173,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (config, nprocs), repeats in runs.items():
         single = runs.get((config, 1))
+        single_total = statistics.median(r["total"] for r in single) if single else None
         total = statistics.median(r["total"] for r in repeats)
-        middle = sorted(repeats, key=lambda r: r["total"])[(len(repeats) - 1) // 2]  # per-rank figures of the median run
-        speedup = f"{total / statistics.median(r['total'] for r in single):.2f}x" if single else "-"
+        middle = sorted(repeats, key=lambda r: r["total"])[(len(repeats) - 1) // 2]  # the median run's ranks
+        speedup = f"{total / single_total:.2f}x" if single else "-"
         each_repeat = " / ".join(f"{r['total'] / s['total']:.2f}x" for r, s in zip(repeats, single)) if single else "-"
         ceilings = [r["ceiling"] for r in repeats if r["ceiling"]]
         ceiling = statistics.median(ceilings) if ceilings else None
-        independent = (f"{ceiling:,.0f} ({ceiling / statistics.median(r['total'] for r in single):.2f}x)"
-                       if ceiling and single else f"{ceiling:,.0f}" if ceiling else "-")
+        independent = (f"{ceiling:,.0f} ({ceiling / single_total:.2f}x)" if ceiling and single
+                       else f"{ceiling:,.0f}" if ceiling else "-")
         together = f"{min(r['together'] for r in repeats):.1%}" if ceiling else "-"
 
         def each(key: str, fmt: str) -> str:
@@ -199,7 +200,8 @@ def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespa
         sync = ["--sync-dir", tmp, "--jobs", str(len(sizes))] if len(sizes) > 1 else []
         jobs = [launch_local(Path(__file__).resolve(), n, [
             "--config", config, "--report", f"{tmp}/report{i}.json", "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--profiled-steps", str(args.profiled_steps), *sync, "--job", str(i), f"--run.dir={tmp}/run{i}", *overrides],
+            "--warmup", str(args.warmup), "--profiled-steps", str(args.profiled_steps), *sync, "--job", str(i),
+            f"--run.dir={tmp}/run{i}", *overrides],
             threads, repo, stdout=logs[i], stderr=subprocess.STDOUT) for i, n in enumerate(sizes)]
         for i, job in enumerate(jobs):
             if job.wait() != 0:

@@ -80,8 +80,8 @@ def common_args(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 def train(root: Path, work: Path, args: argparse.Namespace, overrides: list[str]) -> float:
     """lcron-train of one side into `work`/train; returns the process's wall time."""
     work.mkdir(parents=True)
-    common = common_args(args, overrides)
-    return run([sys.executable, "-m", "lcron_dist.train", *common, f"--run.dir={work / 'train'}"], root, work / "train.log")
+    return run([sys.executable, "-m", "lcron_dist.train", *common_args(args, overrides), f"--run.dir={work / 'train'}"],
+               root, work / "train.log")
 
 
 def measure(root: Path, work: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
@@ -145,7 +145,8 @@ def main() -> None:
     median = {side: {k: statistics.median(r[k] for r in runs) for k, _ in keys} for side, runs in rows.items()}
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"config {args.config} {' '.join(overrides)}; data {args.data}; {os.cpu_count()} cores; "
-             f"torch threads per process: {os.environ.get('OMP_NUM_THREADS', 'torch default')}; median of {args.repeats} runs per side in pairs of alternating order, "
+             f"torch threads per process: {os.environ.get('OMP_NUM_THREADS', 'torch default')}; "
+             f"median of {args.repeats} runs per side in pairs of alternating order, "
              f"after {args.warmup} unmeasured run(s) per side",
              "", f"| measure | ref {args.ref} | ours ({commit} + working tree) | ours / ref | ours / ref per pair: median (range) |",
              "|---|---|---|---|---|"]

@@ -60,9 +60,10 @@ class Batch:
         without history). An EmbeddingBagCollection over `item` returns [B·S, F·D] rows in two blocks:
         the first B·N rows are the candidates' inputs as they are ([B, N, F·D], no copy), the last B·L
         rows' leading H·D columns the history's (the history kinds lead schema.ITEM_FEATURES); a
-        kind's candidates and history share one table (one key), whichever sharding TorchRec applies. Each key's id count follows from the shapes
-        and is stated (length_per_key), so splitting the KJTs by key needs no data-dependent size (in an
-        exported serving program, no `.item()` and its runtime checks per feature).
+        kind's candidates and history share one table (one key), whichever sharding TorchRec applies.
+        Each key's id count follows from the shapes and is stated (length_per_key), so splitting the
+        KJTs by key needs no data-dependent size (in an exported serving program, no `.item()` and its
+        runtime checks per feature).
         """
         b, n = self.size, self.item.shape[-1]
         user = KeyedJaggedTensor(keys=list(schema.USER_FEATURES), values=self.user.reshape(-1),
