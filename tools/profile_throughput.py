@@ -6,10 +6,11 @@ synchronised on every step, then evaluation batches of the test day. Works as on
 torchrun (rank 0 reports its own timings, with requests/s for all ranks).
 
 Roofline: the matrix-product FLOPs of one real training step (forward + backward, counted by
-torch.utils.flop_counter.FlopCounterMode: mm, bmm, addmm, ... ; elementwise work is not counted), the
-machine's matrix-multiply rate measured in the same process with the same threads (float32 4096 x 4096
-products, and the step's most common product shape), and the share of that rate the step achieves:
-FLOPs / step time / rate. Then the operators that take the most time in a few steps (torch.profiler,
+torch.utils.flop_counter.FlopCounterMode: mm, bmm, addmm, ..., and oneDNN's linear, which the towers'
+layers use on CPU; elementwise work is not counted), the machine's matrix-multiply rate measured in the
+same process with the same threads (float32 4096 x 4096 products, and the step's most common product
+shape; on CPU by aten, which calls MKL, and by oneDNN: on an AMD CPU MKL runs AVX2 code where oneDNN runs
+AVX-512), and the share of the best of those rates the step achieves: FLOPs / step time / rate. Then the operators that take the most time in a few steps (torch.profiler,
 self CPU time), so the next push knows where to look.
 
     python tools/profile_throughput.py --config configs/small-2stage.toml [--steps 20] [--out DIR] [overrides]
@@ -35,22 +36,34 @@ def _row(name: str, seconds: list[float], total: float) -> str:
             f"{ms.sum() / 1000 / total:.0%} |")
 
 
-def matmul_rate(m: int, k: int, n: int, device: torch.device, seconds: float = 0.3) -> float:
-    """float32 [m, k] x [k, n] matrix-multiply rate on `device`, GFLOP/s: the best of several timed
-    rounds of back-to-back products, each round at least `seconds` / 3 long."""
+def matmul_rate(m: int, k: int, n: int, device: torch.device, backend: str = "aten", seconds: float = 0.3) -> float:
+    """float32 [m, k] x [k, n] matrix-multiply rate on `device` by `backend` ("aten": torch.mm, which calls
+    MKL on CPU; "onednn": oneDNN's linear, as the towers' layers use it on CPU), GFLOP/s: the best of
+    several timed rounds of back-to-back products, each round at least `seconds` / 3 long."""
+    from lcron_dist.models.layers import ONEDNN_LINEAR
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-    a @ b
+    if backend == "onednn":
+        weight = b.T.contiguous()
+
+        def product():
+            return ONEDNN_LINEAR(a, weight, None, "none", [], "")
+    else:
+
+        def product():
+            return a @ b
+
+    product()
     best = 0.0
     for _ in range(3):
         sync()
         start, count = time.perf_counter(), 0
         while time.perf_counter() - start < seconds / 3:
-            a @ b
+            product()
             count += 1
             if count % 8 == 0:
                 sync()
@@ -60,8 +73,9 @@ def matmul_rate(m: int, k: int, n: int, device: torch.device, seconds: float = 0
 
 
 def step_flops(trainer, batch) -> tuple[float, tuple[int, int, int] | None]:
-    """Matrix-product FLOPs of one training step, and its most frequent mm/addmm shape (m, k, n)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Matrix-product FLOPs of one training step, and its most frequent product shape (m, k, n)."""
+    from lcron_dist.components.profiling import flop_counter
+    from lcron_dist.models.layers import ONEDNN_LINEAR
 
     shapes: Counter = Counter()
 
@@ -69,9 +83,12 @@ def step_flops(trainer, batch) -> tuple[float, tuple[int, int, int] | None]:
         if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
             a, b = args[-2], args[-1]
             shapes[(a.shape[0], a.shape[1], b.shape[1])] += 1
+        elif func is ONEDNN_LINEAR:
+            x, weight = args[0], args[1]
+            shapes[(x.numel() // x.shape[-1], x.shape[-1], weight.shape[0])] += 1
         return func(*args, **(kwargs or {}))
 
-    with FlopCounterMode(display=False) as counter, _ShapeLog(record):
+    with flop_counter() as counter, _ShapeLog(record):
         trainer.train_step(batch)
     return counter.get_total_flops(), (shapes.most_common(1)[0][0] if shapes else None)
 
@@ -114,6 +131,7 @@ def main() -> None:
     from lcron_dist.components.profiling import PHASES, peak_memory_mib
     from lcron_dist.config import load_config
     from lcron_dist.distributed.process_group import teardown
+    from lcron_dist.models.layers import ONEDNN_LINEAR
     from lcron_dist.trainer import Trainer
 
     config = load_config(args.config, ["--run.progress=false", f"--run.dir={args.out / 'run'}", *overrides])
@@ -152,9 +170,12 @@ def main() -> None:
     # under a dispatch mode that sends torch.compile'd functions back to eager for the rest of the run.
     operators = top_operators(trainer, batches[-3:], args.top)
     flops, shape = step_flops(trainer, batches[-1])
-    rates = {"4096 x 4096 x 4096": matmul_rate(4096, 4096, 4096, trainer.device)}
+    backends = ["aten", "onednn"] if trainer.device.type == "cpu" and ONEDNN_LINEAR is not None else ["aten"]
+    sizes = {"4096 x 4096 x 4096": (4096, 4096, 4096)}
     if shape is not None:
-        rates[" x ".join(map(str, shape)) + " (the step's most common)"] = matmul_rate(*shape, trainer.device)
+        sizes[" x ".join(map(str, shape)) + " (the step's most common)"] = shape
+    rates = {f"{name}, {backend}": matmul_rate(*size, trainer.device, backend)
+             for name, size in sizes.items() for backend in backends}
     peak = max(rates.values())
     step_s = float(np.median(steps))
 

@@ -1,4 +1,4 @@
-"""Profiling hooks of the trainer: phase timers, peak memory, torch.profiler traces, memory snapshots.
+"""Profiling hooks of the trainer: phase timers, peak memory, torch.profiler traces, memory snapshots, FLOP counts.
 
 Every step phase runs under a `record_function` label (PHASES), so a Chrome trace reads as the
 pipeline; the same labels time the phases for the per-log-step shares in metrics.jsonl. The optional
@@ -8,6 +8,7 @@ profilers are context managers that do nothing when off.
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import time
 from collections import defaultdict
@@ -60,6 +61,22 @@ def peak_memory_mib(device: torch.device) -> dict[str, float]:
         return {"peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
                 "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20}
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:  # noqa: ARG001
+    """FLOPs of oneDNN's linear, from its operands' shapes: [.., K] x [N, K]ᵀ."""
+    return 2 * math.prod(x_shape) * w_shape[0]
+
+
+def flop_counter() -> "FlopCounterMode":
+    """torch's FlopCounterMode (mm, bmm, addmm, ...) that also counts oneDNN's linear, which the towers'
+    linear layers call on CPU (models.layers.OneDNNLinear) and torch's table does not know."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lcron_dist.models.layers import ONEDNN_LINEAR
+
+    mapping = {ONEDNN_LINEAR._overloadpacket: _onednn_linear_flops} if ONEDNN_LINEAR is not None else {}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 @contextlib.contextmanager

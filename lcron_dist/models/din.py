@@ -167,4 +167,6 @@ class DIN(nn.Module):
         first = self.head[0]
         w_user, w_rest = first.weight.split([self.user_dim, first.in_features - self.user_dim], dim=1)
         per_request = torch.addmm(first.bias, user, w_user.T)  # [B, H]
-        return linear(torch.cat([interest, item], dim=-1), w_rest).add_(per_request.unsqueeze(1))
+        # Not added in place: the product is a view of oneDNN's [B·N, H] output (an in-place op on a view
+        # costs autograd two whole-gradient copies in the backward).
+        return linear(torch.cat([interest, item], dim=-1), w_rest) + per_request.unsqueeze(1)

@@ -19,30 +19,57 @@ def _onednn_linear():
 ONEDNN_LINEAR = _onednn_linear()
 
 
-def onednn_inference(x: torch.Tensor) -> bool:
-    """Whether linear layers on `x` run through oneDNN: float32 on CPU, without autograd, outside tracing.
+def onednn_cpu(x: torch.Tensor) -> bool:
+    """Whether linear layers on `x` run through oneDNN (OneDNNLinear): float32 on CPU, outside tracing.
 
-    Inference only: the op has no backward. Traced code (torch.compile, the serving export) keeps aten's
-    product, so exported programs hold aten and fbgemm ops only.
+    Traced code (torch.compile, the serving export) keeps aten's product, so exported programs hold aten
+    and fbgemm ops only.
     """
     return (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling())
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    # The weight made contiguous: oneDNN given a column slice of a weight took 57 s for a 0.07 s product.
+    return ONEDNN_LINEAR(x, weight.contiguous(), bias, "relu" if relu else "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """x·Wᵀ (+ b) (then ReLU) for a [M, K] `x` by oneDNN's linear, which writes the product with its bias and
+    ReLU applied, once; its backward gives the input's gradient by oneDNN too and the weight's by aten.
+
+    Why: this torch's aten products call MKL, which on an AMD CPU runs its AVX2 code where oneDNN runs
+    AVX-512: on the 2-vCPU AMD EPYC development VM, float32 4096-cubes 175 vs 395 GFLOP/s, the towers'
+    [40960 x 128] x [128 x 128] products 130 vs 246, their input gradients 105 vs 216. For the weight's
+    gradient, a product over the M = B·N rows, oneDNN needs both operands transposed and was slower (89 vs
+    101 GFLOP/s): aten keeps it. Same products, so values agree with aten's to float32 rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, relu):
+        out = _onednn(x, weight, bias, relu)
+        ctx.relu = relu
+        ctx.save_for_backward(x, weight, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad.contiguous()
+        grad_x = _onednn(grad, weight.t(), None, False) if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t().mm(x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
-    """x·Wᵀ (+ b) (then ReLU) over the last dimension of `x`.
+    """x·Wᵀ (+ b) (then ReLU) over the last dimension of `x`: by OneDNNLinear on CPU (onednn_cpu), else aten.
 
-    In CPU inference (onednn_inference) oneDNN writes the product with its bias and ReLU applied, once,
-    where aten's addmm first fills the output with the broadcast bias, accumulates the product into it and
-    the ReLU passes over it again: an evaluation batch of recflow-2stage (4,096 requests, the towers'
-    [163,840 x 104..128] products) took 478 -> 422 ms (medians of 8 alternating rounds, 1.08x by the median
-    pair; 2 CPU threads). Same products, so the scores agree to float32 rounding (3e-8 on those batches).
-    The weight is made contiguous first: oneDNN given a column slice of a weight took 57 s for a product
-    that takes 0.07 s.
+    oneDNN also writes the product with its bias and ReLU applied, once, where aten's addmm first fills the
+    output with the broadcast bias, accumulates the product into it and the ReLU passes over it again.
     """
-    if onednn_inference(x):
-        flat = ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), weight.contiguous(), bias, "relu" if relu else "none", [], "")
-        return flat.view(*x.shape[:-1], -1)
+    if onednn_cpu(x):
+        return OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, relu).view(*x.shape[:-1], -1)
     out = x @ weight.T
     if bias is not None:
         out = out + bias
@@ -52,16 +79,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class MLP(nn.Sequential):
     """An nn.Sequential of Linear and in-place ReLU layers over the last dimension of its input.
 
-    Inputs with more than two dimensions ([B, N, C]) run through the layers as one [B·N, C] matrix, so
-    every Linear returns a fresh matrix rather than a view of one: a ReLU working in place on a view
-    makes autograd copy the whole gradient of the view's base in the backward (CopySlices, AsStrided),
-    more time than the in-place ReLU saves. With the towers' MLPs run this way, a training step of
-    recflow-2stage (batch 1,024, CPU) took 0.89x-0.96x the time (two same-process A/B runs, medians of
-    eight alternating rounds). In CPU inference each Linear (and the ReLU after it) is one oneDNN `linear`.
+    On CPU (onednn_cpu) each Linear, and the ReLU after it, is one `linear`. Elsewhere, inputs with more
+    than two dimensions ([B, N, C]) run through the layers as one [B·N, C] matrix, so every Linear returns
+    a fresh matrix rather than a view of one: a ReLU working in place on a view makes autograd copy the
+    whole gradient of the view's base in the backward (CopySlices, AsStrided), more time than the in-place
+    ReLU saves (a training step of recflow-2stage on CPU took 0.89x-0.96x the time run this way).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if onednn_inference(x):
+        if onednn_cpu(x):
             layers = list(self)
             for i, layer in enumerate(layers):
                 if isinstance(layer, nn.Linear):

@@ -11,16 +11,17 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from lcron_dist.components.profiling import flop_counter
 from lcron_dist.config.job_config import ModelConfig
 from lcron_dist.data import schema
 from lcron_dist.data.reader import LocalReader
 from lcron_dist.losses import build_loss
-from lcron_dist.models import Cascade
+from lcron_dist.models import Cascade, layers
 from lcron_dist.models.din import DIN, MASKED_LOGIT, attention_logits, attention_pool
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.data.batch import Batch
 from lcron_dist.models.embeddings import SlotSplit, StageEmbeddings, StageInputs, table_configs
-from lcron_dist.models.layers import ONEDNN_LINEAR, build_mlp
+from lcron_dist.models.layers import build_mlp
 
 
 def _inputs(b: int = 3, n: int = 7, length: int = 6, d: int = 4, seed: int = 0) -> StageInputs:
@@ -146,7 +147,8 @@ def test_cascade_scores_every_candidate_once_per_stage(stages: int, tiny_raw: Pa
     sparse = {n: p for n, p in model.named_parameters() if n.startswith("sparse.")}
     assert {n.split(".")[1] for n in sparse} == set(schema.STAGE_NAMES[stages]), "each stage has its own tables"
     for name, p in model.named_parameters():  # one backward reaches every table, tower and loss weight
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        # DIN's attention output bias shifts all of a softmax's logits: its gradient is 0 up to rounding.
+        assert p.grad is not None and (name.endswith("attention_out.bias") or p.grad.abs().sum() > 0), name
 
 
 def _random_batch(b: int, n: int, length: int, vocab: int, seed: int) -> Batch:
@@ -239,7 +241,9 @@ def test_stage_embeddings_put_permuted_features_back_in_schema_order() -> None:
 
 
 @pytest.mark.parametrize("shape", [(30, 12), (3, 10, 12)])
-def test_mlp_in_place_relu_equals_the_functional_form(shape: tuple[int, ...]) -> None:
+def test_mlp_in_place_relu_equals_the_functional_form(shape: tuple[int, ...], monkeypatch) -> None:
+    """The aten path (CUDA, or a build without oneDNN): exactly the functional form, no in-place op on a view."""
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR", None)
     torch.manual_seed(6)
     mlp = build_mlp(12, [8, 6], out_dim=1)
     x = torch.randn(*shape, requires_grad=True)
@@ -257,27 +261,57 @@ def test_mlp_in_place_relu_equals_the_functional_form(shape: tuple[int, ...]) ->
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
-def test_cpu_inference_runs_the_towers_linear_layers_through_onednn_with_the_same_scores(op_log) -> None:
+@pytest.mark.skipif(layers.ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
+def test_cpu_runs_the_towers_linear_layers_through_onednn_with_aten_scores_and_gradients(op_log, monkeypatch) -> None:
+    """Training and inference on CPU: oneDNN's linear forward and for the inputs' gradients, aten's mm for the
+    weights'; scores and every gradient as with aten's products alone."""
     torch.manual_seed(7)
     d = 4
     towers = {"din": _din(d), "dssm": DSSM(len(schema.USER_FEATURES) * d, len(schema.HISTORY_FEATURES) * d,
                                            len(schema.ITEM_FEATURES) * d, [8, 5])}
     x = _inputs(b=5, n=6, length=7, seed=7)
     for name, model in towers.items():
-        with op_log() as training:
-            expected = model(x)
+        inputs = [t.clone().requires_grad_() for t in (x.user, x.item, x.history)]
+        x_grad = StageInputs(*inputs, history_mask=x.history_mask)
+        names, params = zip(*[("user", inputs[0]), ("item", inputs[1]), ("history", inputs[2]), *model.named_parameters()])
+        with op_log() as forward:
+            scores = model(x_grad)
+        with op_log() as backward:
+            grads = torch.autograd.grad(scores.square().sum(), params)
         with torch.no_grad(), op_log() as inference:
-            got = model(x)
-        assert "mkldnn::_linear_pointwise" not in training.ops and "aten::addmm" in training.ops, name
-        assert "mkldnn::_linear_pointwise" in inference.ops, name
-        # Left to aten: DIN's per-request part of the head, a [B, U] x [U, H] addmm.
-        assert {"aten::addmm", "aten::mm"} & set(inference.ops) == ({"aten::addmm"} if name == "din" else set()), name
-        torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+            inferred = model(x)
+        with monkeypatch.context() as aten:
+            aten.setattr(layers, "ONEDNN_LINEAR", None)
+            expected = model(x_grad)
+            expected_grads = torch.autograd.grad(expected.square().sum(), params)
+        for ops in (forward.ops, backward.ops, inference.ops):
+            assert "mkldnn::_linear_pointwise" in ops, name
+        # Left to aten: the weights' gradients, and DIN's per-request part of the head (a [B, U] x [U, H] addmm).
+        assert "aten::mm" in backward.ops and "aten::addmm" not in backward.ops, name
+        assert {"aten::addmm", "aten::mm"} & set(forward.ops) == ({"aten::addmm"} if name == "din" else set()), name
+        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(inferred, expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        assert not _backward_nodes(scores) & IN_PLACE_ON_VIEW, name
+        for param, got, want in zip(names, grads, expected_grads):  # the softmax ignores a shift of its logits
+            assert param == "attention_out.bias" or want.abs().sum() > 0, (name, param)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name}: {param}")
     with torch.no_grad():  # traced code (torch.compile, the serving export) keeps aten's products
         program = torch.export.export(towers["dssm"].item_tower, (x.item,), strict=False)
     ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not any("mkldnn" in op for op in ops) and "aten.linear.default" in ops, ops
+
+
+def test_flop_counter_counts_onednn_linear_layers_as_aten_products(monkeypatch) -> None:
+    torch.manual_seed(9)
+    mlp, x = build_mlp(12, [8, 6], out_dim=1), torch.randn(3, 10, 12, requires_grad=True)
+    counts = []
+    for onednn in (layers.ONEDNN_LINEAR, None):
+        monkeypatch.setattr(layers, "ONEDNN_LINEAR", onednn)
+        with flop_counter() as counter:
+            mlp(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    # Forward, input gradient, weight gradient: 3 products of [30, in] x [in, out] per layer.
+    assert counts[0] == counts[1] == 3 * 2 * 30 * (12 * 8 + 8 * 6 + 6 * 1), counts
 
 
 def test_din_compiled_equals_eager() -> None:
