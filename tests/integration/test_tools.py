@@ -45,7 +45,7 @@ def test_profile_throughput_writes_its_phase_table(tiny_raw: Path, tmp_path: Pat
     rates = summary["matmul_gflop_per_s"]
     assert rates["4096 x 4096 x 4096, aten"] > 0 and rates["4096 x 4096 x 4096, onednn"] > 0, rates
     names = [op["name"] for op in summary["top_operators"]]
-    assert "aten::mm" in names and "mkldnn::_linear_pointwise" in names, names
+    assert "mkldnn::_linear_pointwise" in names, names  # the towers' linear layers (CPU)
     assert "## Roofline" in table and "| top operators" in table
 
 

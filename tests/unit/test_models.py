@@ -263,8 +263,8 @@ def test_mlp_in_place_relu_equals_the_functional_form(shape: tuple[int, ...], mo
 
 @pytest.mark.skipif(layers.ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
 def test_cpu_runs_the_towers_linear_layers_through_onednn_with_aten_scores_and_gradients(op_log, monkeypatch) -> None:
-    """Training and inference on CPU: oneDNN's linear forward and for the inputs' gradients, aten's mm for the
-    weights'; scores and every gradient as with aten's products alone."""
+    """Training and inference on CPU: oneDNN's linear forward and for the inputs' gradients, its convolution
+    backward for the weights'; scores and every gradient as with aten's products alone."""
     torch.manual_seed(7)
     d = 4
     towers = {"din": _din(d), "dssm": DSSM(len(schema.USER_FEATURES) * d, len(schema.HISTORY_FEATURES) * d,
@@ -286,9 +286,11 @@ def test_cpu_runs_the_towers_linear_layers_through_onednn_with_aten_scores_and_g
             expected_grads = torch.autograd.grad(expected.square().sum(), params)
         for ops in (forward.ops, backward.ops, inference.ops):
             assert "mkldnn::_linear_pointwise" in ops, name
-        # Left to aten: the weights' gradients, and DIN's per-request part of the head (a [B, U] x [U, H] addmm).
-        assert "aten::mm" in backward.ops and "aten::addmm" not in backward.ops, name
+        # The weights' gradients by oneDNN's convolution backward. Left to aten: DIN's per-request part of the
+        # head, a [B, U] x [U, H] addmm (and its backward's mm).
+        assert "aten::convolution_backward" in backward.ops, name
         assert {"aten::addmm", "aten::mm"} & set(forward.ops) == ({"aten::addmm"} if name == "din" else set()), name
+        assert backward.ops.count("aten::mm") == (2 if name == "din" else 0), name
         torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(inferred, expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
         assert not _backward_nodes(scores) & IN_PLACE_ON_VIEW, name
