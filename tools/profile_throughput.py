@@ -6,12 +6,13 @@ synchronised on every step, then evaluation batches of the test day. Works as on
 torchrun (rank 0 reports its own timings, with requests/s for all ranks).
 
 Roofline: the matrix-product FLOPs of one real training step (forward + backward, counted by
-torch.utils.flop_counter.FlopCounterMode: mm, bmm, addmm, ..., and oneDNN's linear, which the towers'
-layers use on CPU; elementwise work is not counted), the machine's matrix-multiply rate measured in the
-same process with the same threads (float32 4096 x 4096 products, and the step's most common product
-shape; on CPU by aten, which calls MKL, and by oneDNN: on an AMD CPU MKL runs AVX2 code where oneDNN runs
-AVX-512), and the share of the best of those rates the step achieves: FLOPs / step time / rate. Then the operators that take the most time in a few steps (torch.profiler,
-self CPU time), so the next push knows where to look.
+torch.utils.flop_counter.FlopCounterMode: mm, bmm, addmm, convolutions, ..., and oneDNN's linear, which
+the towers' layers use on CPU; elementwise work is not counted), the machine's matrix-multiply rate
+measured in the same process with the same threads (float32 4096 x 4096 products, and the step's most
+common product shape; on CPU by aten, which calls MKL, and by oneDNN: on an AMD CPU MKL runs AVX2 code
+where oneDNN runs AVX-512), and the share of the best of those rates the step achieves: FLOPs / step
+time / rate. Then the operators that take the most time in a few steps (torch.profiler, self CPU time),
+so the next push knows where to look.
 
     python tools/profile_throughput.py --config configs/small-2stage.toml [--steps 20] [--out DIR] [overrides]
 """
@@ -47,16 +48,8 @@ def matmul_rate(m: int, k: int, n: int, device: torch.device, backend: str = "at
             torch.cuda.synchronize(device)
 
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-    if backend == "onednn":
-        weight = b.T.contiguous()
-
-        def product():
-            return ONEDNN_LINEAR(a, weight, None, "none", [], "")
-    else:
-
-        def product():
-            return a @ b
-
+    weight = b.T.contiguous()  # oneDNN's linear takes the [n, k] weight
+    product = (lambda: ONEDNN_LINEAR(a, weight, None, "none", [], "")) if backend == "onednn" else (lambda: a @ b)
     product()
     best = 0.0
     for _ in range(3):

@@ -69,8 +69,8 @@ def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:  # noqa: ARG
 
 
 def flop_counter() -> "FlopCounterMode":
-    """torch's FlopCounterMode (mm, bmm, addmm, ...) that also counts oneDNN's linear, which the towers'
-    linear layers call on CPU (models.layers.OneDNNLinear) and torch's table does not know."""
+    """torch's FlopCounterMode (mm, bmm, addmm, convolutions, ...) that also counts oneDNN's linear, which
+    the towers' linear layers call on CPU (models.layers.OneDNNLinear) and torch's table does not know."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from lcron_dist.models.layers import ONEDNN_LINEAR
