@@ -14,8 +14,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from lcron_dist.config import load_config
 from lcron_dist.data import dataset, schema
+
+
+TABLE_MEMORY = {
+    "adam": "weight + m + v = 12 bytes",
+    "partial_rowwise_adam": "weight + m = 8 bytes, and v = 4 bytes per row",
+    "rowwise_adagrad": "weight = 4 bytes, and the sum of squares = 4 bytes per row",
+    "adagrad": "weight + sum of squares = 8 bytes",
+    "sgd": "weight = 4 bytes",
+}
 
 
 def recflow_vocab_sizes(device_ids: int) -> dict[str, int]:
@@ -56,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_bytes,
         describe_checkpoint_size,
         describe_plan,
+        describe_table_optimizer,
         placements,
     )
     from lcron_dist.losses import build_loss
@@ -80,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
           f"table optimizer {p.table_optimizer}, batch {config.data.batch_size} requests per rank")
     tables = placements(planner)
     print(describe_plan(tables, args.world_size))
+    print()
+    print(f"table optimizer: {describe_table_optimizer(config, torch.device(args.device), {t.table: t.sharding for t in tables})}")
+    print(f"its memory per table element (fp32): {TABLE_MEMORY[p.table_optimizer]}")
     dense_params = sum(param.numel() for param in model.dense.parameters())
     print()
     print(describe_checkpoint_size(*checkpoint_bytes(tables, p.table_optimizer, dense_params, args.world_size)))

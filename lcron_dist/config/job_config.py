@@ -186,7 +186,7 @@ class RayConfig(_Section):
 
 SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise")
-TABLE_OPTIMIZERS = ("adam", "rowwise_adagrad", "adagrad", "sgd")
+TABLE_OPTIMIZERS = ("adam", "partial_rowwise_adam", "rowwise_adagrad", "adagrad", "sgd")
 
 
 @dataclass
@@ -197,8 +197,10 @@ class ParallelismConfig(_Section):
     """Per-table overrides: {table or feature kind: sharding}, e.g. {video_id = "row_wise"} or
     {"ranking__video_id" = "table_wise"}; a full table name wins over a kind."""
     table_optimizer: str = "adam"
-    """Optimizer of the embedding tables: adam, rowwise_adagrad, adagrad or sgd. Sharded tables run it
-    fused in the backward (on CPU fbgemm offers no fused Adam); data-parallel tables use torch's."""
+    """Optimizer of the embedding tables: adam, partial_rowwise_adam (v one value per row), rowwise_adagrad,
+    adagrad or sgd. Sharded tables run it fused in the backward on the batch's rows (fbgemm; Adam's two
+    on CPU by lcron_dist's kernel with fbgemm's CUDA update); data-parallel tables use torch's dense
+    optimizer of the name (none for partial_rowwise_adam)."""
     table_lr: float = 0.0
     """Learning rate of the tables (0 = optim.lr)."""
     zero_stage: int = 0

@@ -2,12 +2,14 @@
 
 Each table gets a sharding type from the config (a default, overridable per table or per feature kind;
 `auto` lets TorchRec's planner choose). Sharded tables run their optimizer fused in the backward
-(fbgemm); data-parallel tables are replicated and stepped by the torch optimizer of the same name.
-Combinations a device cannot run are refused at start-up, naming the table and what to choose instead.
+(fbgemm; on CPU, Adam and partial row-wise Adam by distributed/row_sparse_adam.py, with fbgemm's CUDA
+update); data-parallel tables are replicated and stepped by the torch optimizer of the same name.
+Combinations that cannot run are refused at start-up, naming the table and what to choose instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import optim as trec_optim
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -29,19 +32,20 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from lcron_dist.config.job_config import JobConfig
+from lcron_dist.config.job_config import SHARDING_TYPES, JobConfig
 from lcron_dist.data import schema
 from lcron_dist.distributed.optimizers import fused_if_available
+from lcron_dist.distributed.row_sparse_adam import ROW_SPARSE_ADAM, row_sparse_adam_kernels
 from lcron_dist.distributed.table_grads import unwrap_single_rank_lookups
 
 FUSED_OPTIMIZERS = {
     "adam": EmbOptimType.ADAM,
+    "partial_rowwise_adam": EmbOptimType.PARTIAL_ROWWISE_ADAM,
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
     "adagrad": EmbOptimType.EXACT_ADAGRAD,
     "sgd": EmbOptimType.EXACT_SGD,
 }
-CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
-"""fbgemm's CPU kernels: Adam is refused ("Optimizer adam is not supported in CPU mode")."""
+"""The fused (in-backward) optimizer of sharded tables: fbgemm's, or on CPU row_sparse_adam's for Adam."""
 
 TORCH_OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -49,7 +53,11 @@ TORCH_OPTIMIZERS = {
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
-"""Optimizers of data-parallel tables, whose parameters TorchRec leaves unfused."""
+"""Optimizers of data-parallel tables, whose parameters TorchRec leaves unfused: dense updates of every
+row (torch's Adam is the research code's exact optimizer). Partial row-wise Adam has none."""
+
+PLANNER_OPTIMIZERS = {**TORCH_OPTIMIZERS, "partial_rowwise_adam": trec_optim.PartialRowWiseAdam}
+"""The class TorchRec's storage estimator sizes a table's optimizer state by."""
 
 log = logging.getLogger("lcron_dist")
 
@@ -76,42 +84,46 @@ def table_names(model: nn.Module) -> list[str]:
             for t in module.embedding_bag_configs()]
 
 
-def table_shardings(config: JobConfig, tables: list[str], device: torch.device) -> dict[str, str]:
+def table_shardings(config: JobConfig, tables: list[str]) -> dict[str, str]:
     """Sharding per table: a per-table override, else a per-kind override, else the default.
 
-    "auto" means the best plan `device` can run with the configured table optimizer: the planner's
-    choice, except on CPU with an optimizer fbgemm has no fused CPU kernel for (Adam), where only
-    data-parallel tables (replicated, stepped by torch's optimizer) can train: those are taken, and
-    logged with the reason.
+    "auto" leaves the table to the planner (on CPU too: Adam's fused kernel there is row_sparse_adam's).
     """
     overrides = config.parallelism.table_sharding
     unknown = [k for k in overrides if k not in tables and not any(t.endswith(f"__{k}") for t in tables)]
     if unknown:
         raise ValueError(f"parallelism.table_sharding names unknown table or kind {unknown[0]!r}; tables: "
                          f"{', '.join(tables)}")
-    shardings = {t: overrides.get(t, overrides.get(t.split("__", 1)[-1], config.parallelism.sharding)) for t in tables}
-    optimizer = config.parallelism.table_optimizer
-    auto = [t for t, sharding in shardings.items() if sharding == "auto"]
-    if auto and device.type == "cpu" and optimizer not in CPU_FUSED_OPTIMIZERS:
-        log.info("sharding 'auto' on CPU with table_optimizer=%s: data_parallel for %d tables (fbgemm has no "
-                 "fused %s on CPU; torch's %s steps the replicated tables; on CUDA the planner chooses)",
-                 optimizer, len(auto), optimizer, optimizer)
-        shardings.update({t: ShardingType.DATA_PARALLEL.value for t in auto})
-    return shardings
+    return {t: overrides.get(t, overrides.get(t.split("__", 1)[-1], config.parallelism.sharding)) for t in tables}
 
 
-def check_device_support(shardings: dict[str, str], config: JobConfig, device: torch.device) -> None:
-    """Refuse, before anything is built, a table setting the device cannot run."""
+def check_optimizer_support(shardings: dict[str, str], config: JobConfig) -> None:
+    """Refuse, before anything is built, a data-parallel table with an optimizer torch does not have."""
     optimizer = config.parallelism.table_optimizer
-    if device.type == "cpu" and optimizer not in CPU_FUSED_OPTIMIZERS:
-        for table, sharding in shardings.items():
-            if sharding != ShardingType.DATA_PARALLEL.value:
-                raise ValueError(
-                    f"table {table}: sharding {sharding!r} runs the table optimizer fused in the backward, and "
-                    f"fbgemm offers no fused {optimizer} on CPU. Choose parallelism.table_optimizer="
-                    f"{'|'.join(CPU_FUSED_OPTIMIZERS)}, or shard this table data_parallel "
-                    f"(replicated, stepped by torch's {optimizer})."
-                )
+    if optimizer in TORCH_OPTIMIZERS:
+        return
+    for table, sharding in shardings.items():
+        if sharding == ShardingType.DATA_PARALLEL.value:
+            raise ValueError(
+                f"table {table}: data_parallel tables are stepped by a torch optimizer, and torch has no "
+                f"{optimizer}. Shard this table (table_wise, row_wise, column_wise, table_row_wise or auto: "
+                f"{optimizer} runs fused in the backward), or choose parallelism.table_optimizer="
+                f"{'|'.join(TORCH_OPTIMIZERS)}."
+            )
+
+
+def describe_table_optimizer(config: JobConfig, device: torch.device, shardings: dict[str, str]) -> str:
+    """Which update each kind of table gets, for the start-up log."""
+    optimizer = config.parallelism.table_optimizer
+    kernel = ("lcron_dist's row-sparse CPU kernel with fbgemm's CUDA update"
+              if device.type == "cpu" and FUSED_OPTIMIZERS[optimizer] in ROW_SPARSE_ADAM else "fbgemm")
+    parts = []
+    if any(s != ShardingType.DATA_PARALLEL.value for s in shardings.values()):
+        parts.append(f"sharded tables: {optimizer} fused in the backward, rows of the batch only ({kernel})")
+    if ShardingType.DATA_PARALLEL.value in shardings.values():
+        exact = " (the research code's exact optimizer)" if optimizer == "adam" else ""
+        parts.append(f"data-parallel tables: torch's dense {optimizer} over every row{exact}")
+    return "; ".join(parts)
 
 
 def build_sharder(config: JobConfig) -> CascadeSharder:
@@ -146,17 +158,20 @@ def build_planner(model: nn.Module, config: JobConfig, device_type: str, world_s
             batch size is each KeyedJaggedTensor's stride as it will see it: B for the user tables,
             B·slots for the item tables.
     """
-    shardings = table_shardings(config, table_names(model), torch.device(device_type))
-    check_device_support(shardings, config, torch.device(device_type))
+    shardings = table_shardings(config, table_names(model))
+    check_optimizer_support(shardings, config)
     # TorchRec's storage estimator sizes optimizer state from this attribute of each table weight.
-    optim_cls = TORCH_OPTIMIZERS[config.parallelism.table_optimizer]
+    optim_cls = PLANNER_OPTIMIZERS[config.parallelism.table_optimizer]
     for name, weight in model.named_parameters():
         if ".embedding_bags." in name:
             weight._optimizer_classes = [optim_cls]  # noqa: SLF001
     batch = config.data.batch_size
+    # Without a torch optimizer of its name, a table cannot be data-parallel: auto picks among the rest.
+    auto = None if config.parallelism.table_optimizer in TORCH_OPTIMIZERS else \
+        [t for t in SHARDING_TYPES if t not in ("auto", ShardingType.DATA_PARALLEL.value)]
     constraints = {
         table: ParameterConstraints(
-            sharding_types=None if sharding == "auto" else [sharding],
+            sharding_types=auto if sharding == "auto" else [sharding],
             batch_sizes=[batch if table.split("__", 1)[-1] in schema.USER_FEATURES else batch * slots_per_request])
         for table, sharding in shardings.items()
     }
@@ -218,7 +233,8 @@ def describe_plan(tables: list[TablePlacement], world_size: int) -> str:
 
 def _table_state_bytes(optimizer: str, rows: int, cols: int) -> int:
     """fp32 optimizer state of a [rows, cols] block: the same for the fused and the torch optimizer of a name."""
-    return {"adam": 2 * rows * cols, "adagrad": rows * cols, "rowwise_adagrad": rows, "sgd": 0}[optimizer] * 4
+    return {"adam": 2 * rows * cols, "partial_rowwise_adam": rows * cols + rows, "adagrad": rows * cols,
+            "rowwise_adagrad": rows, "sgd": 0}[optimizer] * 4
 
 
 def checkpoint_bytes(tables: list[TablePlacement], table_optimizer: str, dense_params: int,
@@ -267,14 +283,17 @@ def apply_sharding(model: nn.Module, config: JobConfig, device: torch.device, wo
     sharder = build_sharder(config)
     plan: ShardingPlan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     dense_names = [name for name, _ in model.named_parameters() if name.startswith(dense_prefix)]
-    dmp = DistributedModelParallel(
-        model, device=device, plan=plan, sharders=[sharder],
-        data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=dense_names),
-    )
+    row_sparse = device.type == "cpu" and FUSED_OPTIMIZERS[config.parallelism.table_optimizer] in ROW_SPARSE_ADAM
+    with row_sparse_adam_kernels() if row_sparse else contextlib.nullcontext():
+        dmp = DistributedModelParallel(
+            model, device=device, plan=plan, sharders=[sharder],
+            data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=dense_names),
+        )
     if device.type == "cpu" and ShardingType.DATA_PARALLEL.value in sharding_types(dmp).values():
         silence_dense_lookup_warning()
     unwrap_single_rank_lookups(dmp)
-    return dmp, describe_plan(placements(planner), world_size)
+    optimizer = describe_table_optimizer(config, device, sharding_types(dmp))
+    return dmp, f"{describe_plan(placements(planner), world_size)}\n\ntable optimizer: {optimizer}"
 
 
 DENSE_LOOKUP_WARNING = (r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered "

@@ -14,7 +14,7 @@ from lcron_dist.distributed.sharding import (
     _table_rows,
     build_planner,
     build_sharder,
-    check_device_support,
+    check_optimizer_support,
     placements,
     table_names,
     table_shardings,
@@ -28,39 +28,41 @@ TABLES = ["retrieval__video_id", "retrieval__age", "ranking__video_id", "ranking
 def test_per_table_overrides_win_over_kind_overrides_over_the_default() -> None:
     config = load_config(None, ["--parallelism.sharding=table_wise", "--parallelism.table_sharding.video_id=row_wise",
                                 "--parallelism.table_sharding.ranking__video_id=column_wise"])
-    assert table_shardings(config, TABLES, torch.device("cpu")) == {
+    assert table_shardings(config, TABLES) == {
         "retrieval__video_id": "row_wise", "retrieval__age": "table_wise",
         "ranking__video_id": "column_wise", "ranking__age": "table_wise",
     }
     bad = load_config(None, ["--parallelism.table_sharding.videos=row_wise"])
     with pytest.raises(ValueError, match="unknown table or kind 'videos'"):
-        table_shardings(bad, TABLES, torch.device("cpu"))
+        table_shardings(bad, TABLES)
 
 
-def test_fused_adam_on_cpu_is_refused_naming_the_table_and_the_way_out() -> None:
-    config = load_config(None, ["--parallelism.table_sharding.video_id=row_wise"])  # default optimizer: adam
-    shardings = table_shardings(config, TABLES, torch.device("cpu"))
+def test_a_data_parallel_table_without_a_torch_optimizer_is_refused_naming_the_way_out() -> None:
+    config = load_config(None, ["--parallelism.sharding=row_wise", "--parallelism.table_sharding.age=data_parallel",
+                                "--parallelism.table_optimizer=partial_rowwise_adam"])
     with pytest.raises(ValueError) as info:
-        check_device_support(shardings, config, torch.device("cpu"))
+        check_optimizer_support(table_shardings(config, TABLES), config)
     message = str(info.value)
-    assert "table retrieval__video_id" in message and "row_wise" in message
-    assert "rowwise_adagrad" in message and "data_parallel" in message
-    check_device_support(shardings, config, torch.device("cuda"))  # fbgemm has fused Adam on GPU
-    ok = load_config(None, ["--parallelism.table_sharding.video_id=row_wise", "--parallelism.table_optimizer=sgd"])
-    check_device_support(table_shardings(ok, TABLES, torch.device("cpu")), ok, torch.device("cpu"))
+    assert "table retrieval__age" in message and "torch has no partial_rowwise_adam" in message
+    assert "row_wise" in message and "table_optimizer=adam" in message
+    for ok in (["--parallelism.table_sharding.age=table_wise"], ["--parallelism.table_optimizer=adam"]):
+        config = load_config(None, ["--parallelism.sharding=row_wise", "--parallelism.table_sharding.age=data_parallel",
+                                    "--parallelism.table_optimizer=partial_rowwise_adam", *ok])
+        check_optimizer_support(table_shardings(config, TABLES), config)
 
 
-def test_auto_is_the_best_plan_the_device_runs_with_the_optimizer(caplog: pytest.LogCaptureFixture) -> None:
-    adam = load_config(None, ["--parallelism.sharding=auto", "--parallelism.table_sharding.age=table_wise"])
-    with caplog.at_level(logging.INFO, logger="lcron_dist"):
-        on_cpu = table_shardings(adam, TABLES, torch.device("cpu"))
-    # auto -> data-parallel tables stepped by torch's Adam; an explicit sharding is kept (and refused later)
-    assert on_cpu == {"retrieval__video_id": "data_parallel", "retrieval__age": "table_wise",
-                      "ranking__video_id": "data_parallel", "ranking__age": "table_wise"}
-    assert "data_parallel for 2 tables" in caplog.text and "no fused adam on CPU" in caplog.text
-    assert table_shardings(adam, TABLES, torch.device("cuda"))["ranking__video_id"] == "auto"  # the planner decides
-    adagrad = load_config(None, ["--parallelism.sharding=auto", "--parallelism.table_optimizer=rowwise_adagrad"])
-    assert set(table_shardings(adagrad, TABLES, torch.device("cpu")).values()) == {"auto"}  # fused on CPU too
+@pytest.mark.parametrize("optimizer", ["adam", "partial_rowwise_adam"])
+def test_auto_on_cpu_is_the_planners_choice_with_the_row_sparse_kernel(optimizer: str) -> None:
+    config = load_config("configs/tiny-2stage.toml", ["--parallelism.sharding=auto",
+                                                      f"--parallelism.table_optimizer={optimizer}"])
+    assert set(table_shardings(config, TABLES).values()) == {"auto"}
+    model = Cascade(config.model, plan.recflow_vocab_sizes(100), build_loss("lcron", num_stages=2), device="meta")
+    planner = build_planner(model, config, "cpu", 2, slots_per_request=90)
+    planner.plan(model, [build_sharder(config)])
+    chosen = {p.sharding for p in placements(planner)}
+    assert chosen and (optimizer == "adam" or "data_parallel" not in chosen), chosen
+    kernels = {p.kernel for p in placements(planner) if p.sharding != "data_parallel"}
+    assert kernels == {"fused"}
 
 
 def test_row_wise_is_offered_on_cpu() -> None:
@@ -100,8 +102,13 @@ def test_lcron_plan_cli_prints_memory_per_rank(capsys: pytest.CaptureFixture) ->
     out = capsys.readouterr().out
     assert "world size 2 on cuda" in out and "| prerank__video_id | 82,216,302 × 8 |" in out
     assert "| 0 |" in out and "| 1 |" in out
-    # the paper's recipe (sharding auto, Adam) keeps fused Adam tables on CUDA (on CPU auto means data-parallel)
+    # the paper's recipe (sharding auto, Adam) keeps fused Adam tables, on CUDA (fbgemm's) and on CPU (ours)
     assert plan.main(["--config", "configs/recflow-2stage.toml", "--world-size", "2", "--device", "cuda"]) == 0
-    assert "| ranking__video_id | 82,216,302 × 8 | row_wise | fused |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ranking__video_id | 82,216,302 × 8 | row_wise | fused |" in out and "(fbgemm)" in out
+    assert plan.main(["--config", "configs/recflow-2stage.toml", "--world-size", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| ranking__video_id | 82,216,302 × 8 | row_wise | fused |" in out
+    assert "row-sparse CPU kernel" in out and "weight + m + v = 12 bytes" in out
     assert plan.main(["--config", "configs/recflow-3stage.toml", "--world-size", "1", "--hbm-gb", "1", "--ddr-gb", "1"]) == 1
     assert "no plan for 1 rank(s)" in capsys.readouterr().out
