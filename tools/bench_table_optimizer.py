@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_train import ensure_dataset
+from bench_train import ensure_dataset, with_dataset_days
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-table-optimizer")
     args, overrides = parser.parse_known_args()
     ensure_dataset(args.data, args.requests_per_day)
+    overrides = with_dataset_days(args.data, [o for o in overrides if o != "--"])
 
     with tempfile.TemporaryDirectory() as scratch:
         datasets = {0: args.data, **{rows: widened(args.data, rows, Path(scratch)) for rows in args.table_rows}}

@@ -72,6 +72,15 @@ def pair_order(repeat: int) -> tuple[str, str]:
     return ("ref", "ours") if repeat % 2 == 0 else ("ours", "ref")
 
 
+def with_dataset_days(data: Path, overrides: list[str]) -> list[str]:
+    """`overrides`, training on every day of `data` but its last and testing on that, unless they set days
+    (the recipes' days are RecFlow's)."""
+    if any(o.startswith(("--data.train_days", "--data.test_day")) for o in overrides):
+        return overrides
+    days = sorted(json.loads((data / "meta.json").read_text())["days"])
+    return [*overrides, f"--data.train_days={days[0]}:{days[-2]}", f"--data.test_day={days[-1]}"]
+
+
 def common_args(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     """The arguments both lcron-train and profile_throughput take."""
     return ["--config", args.config, f"--data.path={args.data.resolve()}", "--run.progress=false", *overrides]
@@ -111,9 +120,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     overrides = [o for o in overrides if o != "--"] or DEFAULT_OVERRIDES
     ensure_dataset(args.data, args.requests_per_day)
-    if not any(o.startswith(("--data.train_days", "--data.test_day")) for o in overrides):
-        days = sorted(json.loads((args.data / "meta.json").read_text())["days"])  # the recipe's days are RecFlow's
-        overrides = [*overrides, f"--data.train_days={days[0]}:{days[-2]}", f"--data.test_day={days[-1]}"]
+    overrides = with_dataset_days(args.data, overrides)
 
     rows: dict[str, list[dict]] = {"ref": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

@@ -19,9 +19,11 @@ this module for its fused CPU kernels; CUDA keeps fbgemm's own.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 import torchrec.distributed.batched_embedding_kernel as torchrec_kernels
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
@@ -57,10 +59,15 @@ class RowSparseAdamEmbeddingBags(SplitTableBatchedEmbeddingBagsCodegen):
         self._apply_split(construct_split_state(self.embedding_specs, rowwise=rowwise, cacheable=False),
                           prefix="momentum2", dtype=torch.float32)
         self.register_buffer("iter", self.iter, persistent=True)  # fbgemm checkpoints Adam's step count
-        # Per feature: where its table's rows start in the flat weights, which must be where its m
-        # starts too: the backward addresses both with one index.
-        if not torch.equal(self.weights_offsets, self.momentum1_offsets):
-            raise ValueError("weights and momentum1 are laid out differently")
+        # Per feature: where its table's rows start in the flat weights, which must be where its m (and
+        # Adam's v) start too: the backward addresses them with one index.
+        same = [self.momentum1_offsets] + ([] if rowwise else [self.momentum2_offsets])
+        if not all(torch.equal(self.weights_offsets, offsets) for offsets in same):
+            raise ValueError("weights and optimizer state are laid out differently")
+        # Every table row and pooled feature starts at a multiple of the widths' gcd: the update reads and
+        # writes the flat buffers as rows of that many elements.
+        self._unit = math.gcd(*(self.D_offsets[1:] - self.D_offsets[:-1]).tolist())
+        self._key_dtype = torch.int32 if self.weights_host.numel() // self._unit < 2**31 else torch.int64
 
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None,
                 feature_requires_grad: Tensor | None = None,
@@ -87,58 +94,95 @@ class RowSparseAdamEmbeddingBags(SplitTableBatchedEmbeddingBagsCodegen):
     @torch.no_grad()
     def apply_update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor,
                      per_sample_weights: Tensor | None, step: int) -> None:
-        """Adam on the rows `indices` touched, from the pooled gradient grad_output [B, total_D]."""
-        features = self.D_offsets.numel() - 1
+        """Adam on the rows `indices` touched, from the pooled gradient grad_output [B, total_D].
+
+        Every occurrence is located by unit rows (`self._unit` elements) of the flat buffers: where its
+        bag's gradient starts in grad_output, and where its table row starts in the weights and m.
+        """
+        unit, features = self._unit, self.D_offsets.numel() - 1
         lengths = offsets[1:] - offsets[:-1]  # [F·B], feature-major bags
         batch = lengths.numel() // features
-        bag = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=indices.numel())
-        feature = bag // batch
+        per_feature = offsets[torch.arange(features + 1) * batch].diff()  # [F] occurrences
+        bag_source = ((torch.arange(batch) * (self.total_D // unit)).repeat(features)
+                      + (self.D_offsets[:-1] // unit).repeat_interleave(batch))
+        source = bag_source.repeat_interleave(lengths, output_size=indices.numel())
+        dims = self.D_offsets[1:] - self.D_offsets[:-1]  # [F]
+        first = (self.weights_offsets // unit).repeat_interleave(per_feature, output_size=indices.numel())
         scale = per_sample_weights.float() if per_sample_weights is not None else None
         if self.pooling_mode == PoolingMode.MEAN:
-            inverse_length = 1.0 / lengths[bag].float()
+            inverse_length = (1.0 / lengths.clamp(min=1).float()).repeat_interleave(lengths, output_size=indices.numel())
             scale = inverse_length if scale is None else scale * inverse_length
-        dims = self.D_offsets[1:] - self.D_offsets[:-1]  # [F]
-        grad_flat = grad_output.float().contiguous().view(-1)
-        for dim in dims.unique().tolist():  # one pass per embedding width, usually one
-            chosen = dims[feature] == dim
-            if chosen.all():
-                chosen = None
-            pick = (lambda t: t) if chosen is None else (lambda t: t[chosen])
-            f, rows = pick(feature), pick(indices)
-            columns = torch.arange(dim)
-            # Every occurrence's gradient row, summed per distinct table row (keyed by its first weight).
-            start = (pick(bag) % batch) * self.total_D + self.D_offsets[f]
-            grads = grad_flat[start.unsqueeze(1) + columns]  # [n, D]
-            if scale is not None:
-                grads.mul_(pick(scale).unsqueeze(1))
-            keys, inverse = torch.unique(self.weights_offsets[f] + rows * dim, return_inverse=True)
-            g = grads.new_zeros(keys.numel(), dim).index_add_(0, inverse, grads)  # [U, D]
-            positions = keys.unsqueeze(1) + columns  # [U, D] into weights and momentum1 alike
-            if self.optimizer == EmbOptimType.PARTIAL_ROWWISE_ADAM:
-                row_keys = keys.new_empty(keys.numel()).scatter_(0, inverse, self.momentum2_offsets[f] + rows)
-            else:
-                row_keys = None
-            self._adam(g, positions, row_keys, step)
+        row_keys = None
+        if self.optimizer == EmbOptimType.PARTIAL_ROWWISE_ADAM:  # v's position: one per table row
+            row_keys = self.momentum2_offsets.repeat_interleave(per_feature, output_size=indices.numel()) + indices
+        grad_units = grad_output.float().contiguous().view(-1, unit)
+        widths = dims.unique().tolist()
+        if len(widths) == 1:
+            first += indices * (widths[0] // unit)
+            self._update_rows(grad_units, widths[0], source, first, scale, row_keys, step)
+            return
+        feature = torch.arange(features).repeat_interleave(per_feature, output_size=indices.numel())
+        first += indices * (dims // unit)[feature]
+        for dim in widths:  # one pass per embedding width
+            chosen = torch.nonzero(dims[feature] == dim).squeeze(1)
+            self._update_rows(grad_units, dim, source[chosen], first[chosen],
+                              None if scale is None else scale[chosen],
+                              None if row_keys is None else row_keys[chosen], step)
 
-    def _adam(self, g: Tensor, positions: Tensor, row_keys: Tensor | None, step: int) -> None:
+    def _update_rows(self, grad_units: Tensor, dim: int, source: Tensor, first: Tensor, scale: Tensor | None,
+                     row_keys: Tensor | None, step: int) -> None:
+        """Adam on the rows of `dim`-wide tables, from each occurrence's gradient unit `source`, its row's
+        first unit `first`, its scale (per-sample weight, 1/length) and its row's position in a row-wise v.
+
+        Occurrences are sorted by row; each row's gradient is then the sum of its occurrences' pooled
+        gradients, which embedding_bag computes reading them in place (a bag per distinct row).
+        """
+        k = dim // self._unit
+        if k > 1:  # rows of `dim` are not rows of the unit view: copy them out
+            grads = grad_units.index_select(0, self._spread(source, k)).view(-1, dim)
+            source = torch.arange(source.numel())
+        else:
+            grads = grad_units
+        first, order = torch.sort(first.to(self._key_dtype))  # int32 sorts in half the time of int64
+        keys, counts = torch.unique_consecutive(first, return_counts=True)
+        bags = counts.cumsum(0) - counts
+        g = F.embedding_bag(source.index_select(0, order), grads, bags, mode="sum",
+                            per_sample_weights=None if scale is None else scale.index_select(0, order))  # [U, D]
+        self._adam(g, self._spread(keys.long(), k), None if row_keys is None else row_keys[order[bags]], step)
+
+    @staticmethod
+    def _spread(first: Tensor, k: int) -> Tensor:
+        """Unit rows first, first + 1, ..., first + k - 1 of every entry, flattened."""
+        return first if k == 1 else (first.unsqueeze(1) + torch.arange(k)).view(-1)
+
+    def _adam(self, g: Tensor, units: Tensor, row_keys: Tensor | None, step: int) -> None:
+        """fbgemm's Adam on the rows whose units of the flat buffers are `units`; g [U, D] their gradients."""
         args = self.optimizer_args
         b1, b2, eps, decay = args.beta1, args.beta2, args.eps, args.weight_decay
         lr = self.get_learning_rate()
-        m = self.momentum1_host[positions].mul_(b1).add_(g, alpha=1 - b1)
-        self.momentum1_host[positions] = m
+        shape = g.shape
+
+        def read(buffer: Tensor) -> Tensor:
+            return buffer.view(-1, self._unit).index_select(0, units).view(shape)
+
+        def write(buffer: Tensor, value: Tensor) -> None:
+            buffer.view(-1, self._unit).index_copy_(0, units, value.view(-1, self._unit))
+
+        m = read(self.momentum1_host).mul_(b1).add_(g, alpha=1 - b1)
+        write(self.momentum1_host, m)
         if row_keys is None:
-            v = self.momentum2_host[positions].mul_(b2).addcmul_(g, g, value=1 - b2)
-            self.momentum2_host[positions] = v
+            v = read(self.momentum2_host).mul_(b2).addcmul_(g, g, value=1 - b2)
+            write(self.momentum2_host, v)
         else:
-            v = self.momentum2_host[row_keys].mul_(b2).add_(g.square().mean(1), alpha=1 - b2)
-            self.momentum2_host[row_keys] = v
+            v = self.momentum2_host.index_select(0, row_keys).mul_(b2).add_(g.square().mean(1), alpha=1 - b2)
+            self.momentum2_host.index_copy_(0, row_keys, v)
             v = v.unsqueeze(1)
         denominator = (v / (1.0 - b2 ** step)).sqrt_().add_(eps)
-        w = self.weights_host[positions]
+        w = read(self.weights_host)
         update = (m / (1.0 - b1 ** step)).div_(denominator)
         if decay:
             update.add_(w, alpha=decay)
-        self.weights_host[positions] = w.sub_(update, alpha=lr)
+        write(self.weights_host, w.sub_(update, alpha=lr))
 
 
 class _RowSparseAdamLookup(torch.autograd.Function):
