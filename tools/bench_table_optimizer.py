@@ -51,7 +51,9 @@ def measure(config: str, data: Path, variant: list[str], steps: int, out: Path, 
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:  # e.g. killed for memory: reported in its row
         print(proc.stderr[-3000:], file=sys.stderr)
-        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        if proc.returncode < 0:
+            return {"failed": f"killed by signal {-proc.returncode}" + (" (out of memory)" if proc.returncode == -9 else "")}
+        last = (proc.stderr.strip().splitlines() or [""])[-1]
         return {"failed": f"exit code {proc.returncode}: {last[:200]}"}
     return json.loads((out / "throughput.json").read_text())
 

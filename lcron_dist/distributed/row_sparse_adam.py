@@ -3,8 +3,8 @@
 fbgemm trains sharded tables with Adam fused in the backward, but only on CUDA: its CPU module refuses
 Adam and partial row-wise Adam. `RowSparseAdamEmbeddingBags` is fbgemm's table-batched module on CPU
 (same weights, same forward kernel, same optimizer state buffers, so TorchRec's fused optimizer exposes
-`momentum1` / `momentum2` as ShardedTensors and checkpoints them like any fused state) whose backward
-applies the CUDA kernel's update to the batch's rows only:
+m and v as `momentum1` / `exp_avg_sq` ShardedTensors and checkpoints them like any fused state) whose
+backward applies the CUDA kernel's update to the batch's rows only:
 
     per touched row (the gradients of its occurrences summed first, scaled by per-sample weights and
     by 1/length under mean pooling), with t the module's step count (fbgemm's `iter`):

@@ -10,7 +10,6 @@ Combinations that cannot run are refused at start-up, naming the table and what 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import warnings
 import zlib
@@ -58,8 +57,6 @@ row (torch's Adam is the research code's exact optimizer). Partial row-wise Adam
 
 PLANNER_OPTIMIZERS = {**TORCH_OPTIMIZERS, "partial_rowwise_adam": trec_optim.PartialRowWiseAdam}
 """The class TorchRec's storage estimator sizes a table's optimizer state by."""
-
-log = logging.getLogger("lcron_dist")
 
 GIB = 1024**3
 

@@ -1,8 +1,6 @@
-"""Sharding choices without a process group: per-table resolution, device checks, planning, table init."""
+"""Sharding choices without a process group: per-table resolution, optimizer checks, planning, table init."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
