@@ -154,3 +154,11 @@ def test_bench_checkpoint_times_saves_and_loads_and_sizes_each_rank(tiny_raw: Pa
     assert cost["saves"] == cost["steps"] // 2 >= 2 and 0 < cost["save_share"] < 1
     assert rank["save_s"] > 0 and rank["load_s"] > 0
     assert rank["shard_bytes"] > 1_000_000 and rank["shard_bytes"] + run["shared_bytes"] == run["total_bytes"]
+
+
+def test_bench_row_sparse_adam_times_every_kernel_at_every_vocabulary(tmp_path: Path) -> None:
+    out = _tool(tmp_path, None, "tools/bench_row_sparse_adam.py", "--video-rows", "2000", "30000", "--batch", "16",
+                "--rounds", "1")
+    for rows in ("2,000 / 666", "30,000 / 10,000"):
+        for kernel in ("row-sparse Adam (ours)", "fbgemm fused row-wise Adagrad", "dense + torch Adam"):
+            assert re.search(rf"\| {re.escape(rows)} \| {re.escape(kernel)} \| [\d.]+ \| [\d.]+x \|", out), out
