@@ -8,7 +8,8 @@ later without it, while 1 x 1 stayed at 90-111 ms). Communication time is the CP
 of the collective ops the profiler records (gloo/NCCL all-reduce, all-to-all, reduce-scatter,
 all-gather, broadcast, and their waits); the share is that over the profiled steps' time. Collectives
 that run asynchronously (DDP's all-reduce of data-parallel tables) count only for the time the step
-waits on them, so the ceiling below is the better measure of what communication costs.
+waits on them, so the ceiling below is the better measure of what communication costs. A second table
+names the collective ops counted: calls and self time per step on each rank.
 
 For each process count N > 1 it also runs N independent one-process jobs at once, each with the same
 threads: their summed requests/s is what this machine gives N processes that never talk (shared
@@ -84,13 +85,16 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
         profiled_seconds = time.perf_counter() - profiled_start
     if sync is not None:  # keep the machine as busy for the other jobs until they are done too
         wait_for_all(sync, "done", args.job, args.jobs, step=lambda: trainer.train_step(next(more)))
-    comm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if COMM.search(e.key))
+    collectives = [e for e in prof.key_averages() if COMM.search(e.key)]
+    comm_us = sum(e.self_cpu_time_total for e in collectives)
     mine = {
         "window": [window_start, window_end],
         "busy_until": time.time(),  # training from window_start until then
         "rank": trainer.dist.rank,
         "step_ms": seconds / args.steps * 1000,
         "comm_share": comm_us / 1e6 / profiled_seconds,
+        "collectives": {e.key: [e.count / args.profiled_steps, e.self_cpu_time_total / 1000 / args.profiled_steps]
+                        for e in collectives},  # name -> [calls, self ms] per step
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "requests_per_s": args.steps * config.data.batch_size / seconds,
         "threads": torch.get_num_threads(),
@@ -190,6 +194,24 @@ def main() -> None:
         print(f"| {Path(config).stem} | {nprocs} x {middle['ranks'][0]['threads']} | {total:,.0f} | {speedup} | "
               f"{each_repeat} | {independent} | {f'{total / ceiling:.0%}' if ceiling else '-'} | {together} | "
               f"{each('step_ms', '.0f')} | {each('peak_rss_mib', ',.0f')} | {each('comm_share', '.2%')} |")
+    print_collectives(runs, top=10)
+
+
+def print_collectives(runs: dict[tuple[str, int], list[dict]], top: int) -> None:
+    """The collective ops counted in the communication share, per step of each rank of the median run:
+    which, how many calls, how much self time (the most expensive `top` per config and process count)."""
+    print("\n| config | processes | collective op | calls per step (per rank) | self ms per step (per rank) |")
+    print("|---|---|---|---|---|")
+    for (config, nprocs), repeats in runs.items():
+        if nprocs == 1:
+            continue
+        ranks = sorted(repeats, key=lambda r: r["total"])[(len(repeats) - 1) // 2]["ranks"]
+        names = {name for rank in ranks for name in rank["collectives"]}
+        cost = {name: max(rank["collectives"].get(name, [0, 0])[1] for rank in ranks) for name in names}
+        for name in sorted(names, key=cost.get, reverse=True)[:top]:
+            per_rank = [rank["collectives"].get(name, [0, 0]) for rank in ranks]
+            print(f"| {Path(config).stem} | {nprocs} | {name} | {' / '.join(f'{c:g}' for c, _ in per_rank)} | "
+                  f"{' / '.join(f'{ms:.2f}' for _, ms in per_rank)} |")
 
 
 def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespace, overrides: list[str]) -> list[dict]:

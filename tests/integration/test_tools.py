@@ -141,6 +141,10 @@ def test_bench_scaling_reports_communication_and_the_independent_ceiling(tiny_ra
     assert float(cells[7].rstrip("%")) >= 95.0, row
     shares = [float(share.rstrip("%")) for share in cells[-1].split(" / ")]
     assert len(shares) == 2 and all(0 < share < 100 for share in shares), "each rank's exchange is counted"
+    collectives = [line for line in out.splitlines() if line.startswith("| tiny-2stage | 2 |")]
+    assert collectives, out
+    calls = [float(c) for line in collectives for c in line.split("|")[4].split(" / ")]
+    assert all(c >= 0 for c in calls) and max(calls) > 0, collectives
 
 
 def test_bench_checkpoint_times_saves_and_loads_and_sizes_each_rank(tiny_raw: Path, tmp_path: Path) -> None:
