@@ -166,3 +166,12 @@ def test_bench_row_sparse_adam_times_every_kernel_at_every_vocabulary(tmp_path: 
     for rows in ("2,000 / 666", "30,000 / 10,000"):
         for kernel in ("row-sparse Adam (ours)", "fbgemm fused row-wise Adagrad", "dense + torch Adam"):
             assert re.search(rf"\| {re.escape(rows)} \| {re.escape(kernel)} \| [\d.]+ \| [\d.]+x \|", out), out
+
+
+def test_bench_collectives_times_each_collective_at_each_size(tmp_path: Path) -> None:
+    out = _tool(tmp_path, None, "tools/bench_collectives.py", "--sizes-kib", "4", "256", "--seconds", "0.05")
+    assert "2 ranks (gloo" in out
+    for kib in ("4", "256"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {kib} |"))
+        values = [float(cell) for cell in row.strip("| ").split("|")[1:]]
+        assert len(values) == 6 and all(v > 0 for v in values[0::2]), row  # every collective took time
