@@ -109,11 +109,16 @@ def check_optimizer_support(shardings: dict[str, str], config: JobConfig) -> Non
             )
 
 
+def uses_row_sparse_adam(config: JobConfig, device: torch.device) -> bool:
+    """Whether sharded tables run row_sparse_adam's kernel: Adam or partial row-wise Adam on CPU."""
+    return device.type == "cpu" and FUSED_OPTIMIZERS[config.parallelism.table_optimizer] in ROW_SPARSE_ADAM
+
+
 def describe_table_optimizer(config: JobConfig, device: torch.device, shardings: dict[str, str]) -> str:
     """Which update each kind of table gets, for the start-up log."""
     optimizer = config.parallelism.table_optimizer
     kernel = ("lcron_dist's row-sparse CPU kernel with fbgemm's CUDA update"
-              if device.type == "cpu" and FUSED_OPTIMIZERS[optimizer] in ROW_SPARSE_ADAM else "fbgemm")
+              if uses_row_sparse_adam(config, device) else "fbgemm")
     parts = []
     if any(s != ShardingType.DATA_PARALLEL.value for s in shardings.values()):
         parts.append(f"sharded tables: {optimizer} fused in the backward, rows of the batch only ({kernel})")
@@ -280,8 +285,7 @@ def apply_sharding(model: nn.Module, config: JobConfig, device: torch.device, wo
     sharder = build_sharder(config)
     plan: ShardingPlan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     dense_names = [name for name, _ in model.named_parameters() if name.startswith(dense_prefix)]
-    row_sparse = device.type == "cpu" and FUSED_OPTIMIZERS[config.parallelism.table_optimizer] in ROW_SPARSE_ADAM
-    with row_sparse_adam_kernels() if row_sparse else contextlib.nullcontext():
+    with row_sparse_adam_kernels() if uses_row_sparse_adam(config, device) else contextlib.nullcontext():
         dmp = DistributedModelParallel(
             model, device=device, plan=plan, sharders=[sharder],
             data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=dense_names),
