@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import json
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +43,10 @@ from lcron_dist.components.profiling import (
 from lcron_dist.components.progress import TrainProgress
 from lcron_dist.config import JobConfig, to_dict
 from lcron_dist.data import schema
+from lcron_dist.data.batch import Batch
 from lcron_dist.data.reader import DayReader, LocalReader
 from lcron_dist.distributed.dense import build_dense_engine, dense_optimizer_step, gather_dense_state, load_dense_state
+from lcron_dist.distributed.pipeline import SparseDistPipeline, StepOutput
 from lcron_dist.distributed.process_group import DistInfo, init_distributed
 from lcron_dist.distributed.sharding import (
     apply_sharding,
@@ -143,6 +147,10 @@ class Trainer:
         self.engine = build_dense_engine(model.dense, config, self.dist.world_size, self.device)
         self.stages = model.stages
         self.timer = PhaseTimer(self.device)
+        self.pipeline = (SparseDistPipeline(self.model, self.engine, self.sparse_optimizer, self.device, self.timer,
+                                            self.autocast) if config.train.pipeline else None)
+        self.log.info("train pipeline: %s", "TorchRec's TrainPipelineSparseDist (the next batch's input distribution "
+                      "runs during this batch's step)" if self.pipeline else "none (one batch at a time)")
 
         ck = config.checkpoint
         self.checkpointer = Checkpointer(Path(ck.dir) if ck.dir else self.run_dir / "checkpoints", ck.keep,
@@ -280,7 +288,21 @@ class Trainer:
         enabled = self.device.type == "cuda" and self.config.parallelism.bf16
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
+    def train_batches(self, batches: Iterator[Batch]) -> Iterator[StepOutput]:
+        """Train on every batch of `batches`, in order, through the train pipeline (train.pipeline) or one
+        at a time; yields each step's loss parts and request count once the step is done."""
+        if self.pipeline is not None:
+            yield from self.pipeline.steps(batches)
+            return
+        while True:
+            with self.timer.phase("data"):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield self.train_step(batch), batch.size
+
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One step on `batch`, nothing overlapped."""
         phase = self.timer.phase
         with phase("data"):
             batch = batch.to(self.device)
@@ -344,15 +366,13 @@ class Trainer:
                 bar = tqdm(total=len(sizes), initial=start, desc=f"train {day}", unit="step",
                            disable=not (self.dist.is_main and self.config.run.progress))
                 window_requests, window_start = 0, time.perf_counter()
-                for index in range(start, len(sizes)):
-                    step_start = time.perf_counter()
-                    self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0
-                    with self.timer.phase("data"):
-                        batch = next(batches)
-                    parts = self.train_step(batch)
+                step_start = time.perf_counter()
+                self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0
+                steps = self.train_batches(itertools.islice(batches, len(sizes) - start))
+                for index, (parts, size) in enumerate(steps, start):
                     last = index + 1 == len(sizes)
                     self.progress.advance(day, sizes[index], last)
-                    window_requests += batch.size
+                    window_requests += size
                     bar.update()
                     if profiler is not None:
                         profiler.step()
@@ -362,6 +382,8 @@ class Trainer:
                     self.progress.seconds += time.perf_counter() - step_start
                     if self._save_due(last):
                         self.save_checkpoint()
+                    step_start = time.perf_counter()  # the next step runs when the loop asks for it
+                    self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0
                 batches.close()
                 bar.close()
 

@@ -32,6 +32,7 @@ process cores / processes threads, so 1 process uses every core).
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -67,24 +68,25 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
     if not full:
         raise SystemExit(f"no full batch of {config.data.batch_size} requests in the training days")
     more = itertools.cycle(full)  # small data: batches are reused
-    for _ in range(args.warmup):
-        trainer.train_step(next(more))
+
+    def train(steps: int) -> None:  # through the trainer's loop: the train pipeline when train.pipeline
+        collections.deque(trainer.train_batches(itertools.islice(more, steps)), maxlen=0)
+
+    train(args.warmup)
     sync = Path(args.sync_dir) if args.sync_dir else None
     if sync is not None:
         wait_for_all(sync, "ready", args.job, args.jobs)
     dist.barrier()
     window_start, start = time.time(), time.perf_counter()
-    for _ in range(args.steps):
-        trainer.train_step(next(more))
+    train(args.steps)
     seconds = time.perf_counter() - start
     window_end = time.time()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         profiled_start = time.perf_counter()
-        for _ in range(args.profiled_steps):
-            trainer.train_step(next(more))
+        train(args.profiled_steps)
         profiled_seconds = time.perf_counter() - profiled_start
     if sync is not None:  # keep the machine as busy for the other jobs until they are done too
-        wait_for_all(sync, "done", args.job, args.jobs, step=lambda: trainer.train_step(next(more)))
+        wait_for_all(sync, "done", args.job, args.jobs, step=lambda: train(1))
     collectives = [e for e in prof.key_averages() if COMM.search(e.key)]
     comm_us = sum(e.self_cpu_time_total for e in collectives)
     mine = {

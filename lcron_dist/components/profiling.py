@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-PHASES = ("data", "forward", "backward", "dense_step", "sparse_step")
-"""Timed phases of a training step, in pipeline order (record_function ranges 'lcron/<phase>'). Traces
+PHASES = ("data", "input_dist", "forward", "backward", "dense_step", "sparse_step")
+"""Timed phases of a training step, in pipeline order (record_function ranges 'lcron/<phase>';
+'input_dist' is the train pipeline's distribution of the next batch's ids, absent without it). Traces
 also show the forward's parts, 'lcron/embedding' (input distribution + lookup), 'lcron/towers' and
 'lcron/loss', and evaluation as 'lcron/eval'."""
 

@@ -129,6 +129,9 @@ class TrainConfig(_Section):
     """Seed of initialisation, shuffling within each day and evaluation tie-breaks."""
     max_steps_per_day: int = 0
     """Stop each training day after this many steps (0 = the whole day); for smoke tests."""
+    pipeline: bool = True
+    """Train through TorchRec's sparse-dist train pipeline: the next batch's input distribution runs while
+    this batch trains. false: one batch at a time (the same steps, nothing overlapped)."""
 
     def validate(self) -> None:
         _check(self.max_steps_per_day >= 0, f"train.max_steps_per_day must be >= 0, got {self.max_steps_per_day}")

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from lcron_dist.data import schema
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     """B requests with N candidates each and a history of L positions.
 
     Id features are feature-major, so each KeyedJaggedTensor's values are a view of these tensors.
@@ -43,6 +45,11 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
+    def record_stream(self, stream: torch.Stream) -> None:
+        """Mark the tensors as in use on `stream` (the train pipeline's copy and input-dist CUDA streams)."""
+        for f in fields(self):
+            getattr(self, f.name).record_stream(stream)
+
     def pin_memory(self) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
@@ -51,8 +58,12 @@ class Batch:
         """Item embedding slots per request: N candidates, then L history positions."""
         return schema.item_slots(self.item.shape[-1], self.history.shape[-1])
 
-    def id_features(self) -> IdFeatures:
+    @functools.cached_property
+    def features(self) -> IdFeatures:
         """The id features as two KeyedJaggedTensors, one bag per id, keys in their schema order.
+
+        Built once per batch: TorchRec's train pipeline reads them (an attribute of the batch) to start
+        the batch's input distribution a step ahead, and the forward reads them again.
 
         user: schema.USER_FEATURES, one bag per request (stride B). item: one key per kind of
         schema.ITEM_FEATURES, S = N + L bags per request (stride B·S, S = num_slots): the B·N
@@ -85,7 +96,7 @@ class Batch:
 
 
 class IdFeatures(NamedTuple):
-    """Batch.id_features: the user and the item KeyedJaggedTensor."""
+    """Batch.features: the user and the item KeyedJaggedTensor."""
 
     user: KeyedJaggedTensor
     item: KeyedJaggedTensor

@@ -156,7 +156,7 @@ positions alike, and the embedded history is the leading columns of the embedded
 
 
 def item_slots(num_candidates: int, seq_len: int) -> int:
-    """Item embedding slots per request (Batch.id_features): the candidates, then the history positions."""
+    """Item embedding slots per request (Batch.features): the candidates, then the history positions."""
     return num_candidates + seq_len
 
 TIME_VOCAB: dict[str, int] = {"weekday": 8, "hour": 25, "minute": 61}

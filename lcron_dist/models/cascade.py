@@ -74,6 +74,5 @@ class Cascade(nn.Module):
 
     def forward(self, batch: Batch, compute_loss: bool = True):
         with record_function("lcron/embedding"):  # input distribution and lookup of every stage's tables
-            features = batch.id_features()
-            inputs = {stage: self.sparse[stage](features, batch) for stage in self.stages}
+            inputs = {stage: self.sparse[stage](batch) for stage in self.stages}
         return self.dense(inputs, batch.label, batch.mask, compute_loss)

@@ -4,7 +4,7 @@ Each stage owns its tables (no sharing across stages), one per feature kind. The
 the user features, one bag per request; the item collection embeds the item kinds, whose tables serve a
 request's candidates and its history positions alike: S = N + L slots per request, the batch's B·N
 candidate slots first, then its B·L history slots.
-See Batch.id_features for the layout, and SlotSplit for how the towers' inputs come out of it.
+See Batch.features for the layout, and SlotSplit for how the towers' inputs come out of it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from lcron_dist.data import schema
-from lcron_dist.data.batch import Batch, IdFeatures
+from lcron_dist.data.batch import Batch
 
 
 @dataclass
@@ -62,16 +62,37 @@ class StageEmbeddings(nn.Module):
                                                device=torch.device(device))
         self.ebc = EmbeddingBagCollection(tables=table_configs(stage, schema.ITEM_FEATURES, vocab_sizes, dim),
                                           device=torch.device(device))
-        self._order_cache: dict[tuple, torch.Tensor | None] = {}
+        self.inputs = TowerInputs(dim)
 
     def collections(self) -> tuple[EmbeddingBagCollection, EmbeddingBagCollection]:
         """The user and the item collection."""
         return self.user_ebc, self.ebc
 
-    def forward(self, features: IdFeatures, batch: Batch) -> StageInputs:
-        """Embed `features` (batch.id_features(), shared by every stage) for this stage."""
-        user = self._in_order(self.user_ebc(features.user), schema.USER_FEATURES)  # [B, U·D]
-        pooled = self._in_order(self.ebc(features.item), schema.ITEM_FEATURES)  # [B·S, F·D]
+    def forward(self, batch: Batch) -> StageInputs:
+        """Embed the batch's id features (Batch.features, shared by every stage) for this stage.
+
+        The collections take attributes of the batch as they are, so TorchRec's train pipeline can
+        start their input distribution a batch ahead; everything after the lookups is in `inputs`.
+        """
+        return self.inputs(self.user_ebc(batch.features.user), self.ebc(batch.features.item), batch)
+
+
+class TowerInputs(nn.Module):
+    """A stage's pooled lookups -> its tower's StageInputs (a module without tables: a leaf of the
+    pipeline's trace, which stops at modules without sharded ones).
+
+    Args:
+        dim: embedding dimension.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self._order_cache: dict[tuple, torch.Tensor | None] = {}
+
+    def forward(self, user_pooled: KeyedTensor, item_pooled: KeyedTensor, batch: Batch) -> StageInputs:
+        user = self._in_order(user_pooled, schema.USER_FEATURES)  # [B, U·D]
+        pooled = self._in_order(item_pooled, schema.ITEM_FEATURES)  # [B·S, F·D]
         history_width = len(schema.HISTORY_FEATURES) * self.dim
         item, history = SlotSplit.apply(pooled, batch.size, batch.item.shape[-1], history_width)
         return StageInputs(user=user, item=item, history=history, history_mask=batch.history[0] > 0)

@@ -37,7 +37,7 @@ def id_batch(user: torch.Tensor, item: torch.Tensor, history: torch.Tensor) -> B
 def embed(embeddings: StageEmbeddings, user: torch.Tensor, item: torch.Tensor, history: torch.Tensor) -> StageInputs:
     """One stage's embedded inputs of serving ids, as in training."""
     batch = id_batch(user, item, history)
-    return embeddings(batch.id_features(), batch)
+    return embeddings(batch)
 
 
 class UserTower(nn.Module):

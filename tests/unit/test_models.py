@@ -20,7 +20,7 @@ from lcron_dist.models import Cascade, layers
 from lcron_dist.models.din import DIN, MASKED_LOGIT, attention_logits, attention_pool
 from lcron_dist.models.dssm import DSSM
 from lcron_dist.data.batch import Batch
-from lcron_dist.models.embeddings import SlotSplit, StageEmbeddings, StageInputs, table_configs
+from lcron_dist.models.embeddings import SlotSplit, StageEmbeddings, StageInputs, TowerInputs, table_configs
 from lcron_dist.models.layers import build_mlp
 
 
@@ -202,7 +202,7 @@ def test_stage_embeddings_equal_direct_table_lookups(n: int, length: int) -> Non
     copies = {kind: p.detach().clone().requires_grad_() for kind, p in params.items()}
     expected = _looked_up(copies, batch)
     _weighted_sum(expected, weights).backward()
-    got = module(batch.id_features(), batch)
+    got = module(batch)
     _weighted_sum(got, weights).backward()
     for field in ("user", "item", "history", "history_mask"):
         assert torch.equal(getattr(got, field), getattr(expected, field)), field
@@ -231,8 +231,7 @@ def test_slot_split_views_and_scatters_as_slicing(seed: int) -> None:
 
 def test_stage_embeddings_put_permuted_features_back_in_schema_order() -> None:
     """A sharding plan may return a collection's features in another order: the blocks are permuted back."""
-    module = StageEmbeddings("ranking", {kind: 5 for kind in {*schema.USER_FEATURES, *schema.ITEM_FEATURES}}, 2,
-                             device="cpu")
+    module = TowerInputs(2)
     names = list(schema.USER_FEATURES)
     blocks = {name: torch.full((3, 2), float(i)) for i, name in enumerate(names)}
     for keys in (names, names[::-1]):
@@ -386,17 +385,16 @@ def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_si
         assert len(tables) == 16 and all(p.grad is None for p in tables.values())
         reference = {kind: p.detach().clone().requires_grad_() for kind, p in tables.items()}
         loss(_looked_up(reference, batch)).backward()
-        features = batch.id_features()
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loss(stage(features, batch)).backward()  # the DMP-sharded (data-parallel) module
+            loss(stage(batch)).backward()  # the DMP-sharded (data-parallel) module
             assert any(re.search(DENSE_LOOKUP_WARNING, str(w.message)) for w in caught), "the warning this silences"
             for p in tables.values():
                 p.grad = None
             silence_dense_lookup_warning()
             caught.clear()
-            loss(stage(features, batch)).backward()
+            loss(stage(batch)).backward()
             assert not any(re.search(DENSE_LOOKUP_WARNING, str(w.message)) for w in caught)
         lookups = [lookup for m in stage.modules() if isinstance(m, ShardedEmbeddingBagCollection) for lookup in m._lookups]
         assert len(lookups) == 2 and not any(isinstance(m, DistributedDataParallel) for m in lookups), \
@@ -408,11 +406,11 @@ def test_data_parallel_table_gradients_equal_embedding_bag_and_the_warning_is_si
         teardown()
 
 
-def test_id_features_come_in_the_order_of_the_tables(tiny_dataset: Path) -> None:
+def test_features_come_in_the_order_of_the_tables(tiny_dataset: Path) -> None:
     """TorchRec takes a KeyedJaggedTensor without permuting it when its keys follow the tables' features."""
     reader = LocalReader(tiny_dataset, batch_size=4)
     batch = next(reader.iter_day(reader.meta.day_list[0], shuffle=False))
-    features = batch.id_features()
+    features = batch.features
     for kjt, kinds in ((features.user, schema.USER_FEATURES), (features.item, schema.ITEM_FEATURES)):
         tables = table_configs("ranking", kinds, reader.meta.vocab_sizes, 4)
         assert kjt.keys() == [name for table in tables for name in table.feature_names]

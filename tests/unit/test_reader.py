@@ -89,7 +89,7 @@ def test_unknown_day_is_a_clear_error(tiny_dataset: Path) -> None:
         LocalReader(tiny_dataset, 8).num_batches(dt.date(2020, 1, 1))
 
 
-def test_id_features_feed_torchrec_collections_with_shared_tables(tiny_dataset: Path) -> None:
+def test_features_feed_torchrec_collections_with_shared_tables(tiny_dataset: Path) -> None:
     """User features: one bag per request. Item kinds: the batch's B·N candidate slots, then its B·L
     history slots, one table for both; a kind without history has empty history slots."""
     reader = LocalReader(tiny_dataset, batch_size=8)
@@ -97,7 +97,7 @@ def test_id_features_feed_torchrec_collections_with_shared_tables(tiny_dataset: 
     batch = next(reader.iter_day(meta.day_list[0], shuffle=False))
     b, n, s, dim = batch.size, meta.num_candidates, batch.num_slots, 4
     assert s == n + meta.seq_len
-    features = batch.id_features()
+    features = batch.features
     assert features.user.stride() == b and features.item.stride() == b * s
     for kjt in features:  # the stated id counts are the lengths' sums per key
         assert kjt.length_per_key() == kjt.lengths().view(len(kjt.keys()), -1).sum(1).tolist()
