@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Cascade(config.model, vocab, build_loss(config.loss.name, num_stages=config.model.num_stages), device="meta")
     try:
         planner = build_planner(model, config, args.device, args.world_size, slots)
-        planner.plan(model, [build_sharder(config, torch.device(args.device))])
+        planner.plan(model, [build_sharder(config)])
     except (PlannerError, ValueError) as exc:
         print(f"no plan for {args.world_size} rank(s) on {args.device}: {str(exc).splitlines()[0]}")
         return 1

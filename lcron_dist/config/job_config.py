@@ -189,7 +189,6 @@ class RayConfig(_Section):
 
 SHARDING_TYPES = ("auto", "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise")
-COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 TABLE_OPTIMIZERS = ("adam", "partial_rowwise_adam", "rowwise_adagrad", "adagrad", "sgd")
 
 
@@ -209,10 +208,6 @@ class ParallelismConfig(_Section):
     """Learning rate of the tables (0 = optim.lr)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3) of the dense parameters."""
-    comm_precision: str = "fp32"
-    """Precision of the sharded tables' output distribution (pooled embeddings forward, their gradients
-    backward): fp32 (exact), fp16 or bf16 (TorchRec's quantized comms: half the bytes; gloo has no bf16,
-    so TorchRec sends fp16 there)."""
     bf16: bool = False
     """bf16 autocast of towers and loss on CUDA (weights, tables and optimizer states stay fp32; ignored on CPU)."""
     hbm_gb: float = 0.0
@@ -234,8 +229,6 @@ class ParallelismConfig(_Section):
                                            f"{', '.join(SHARDING_TYPES)}, got {kind!r}")
         _check(self.table_optimizer in TABLE_OPTIMIZERS, f"parallelism.table_optimizer must be one of "
                                                          f"{', '.join(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}")
-        _check(self.comm_precision in COMM_PRECISIONS, f"parallelism.comm_precision must be one of "
-                                                       f"{', '.join(COMM_PRECISIONS)}, got {self.comm_precision!r}")
         _check(self.table_lr >= 0, f"parallelism.table_lr must be >= 0, got {self.table_lr}")
         _check(self.zero_stage in (0, 1, 2, 3), f"parallelism.zero_stage must be 0-3, got {self.zero_stage}")
         for name in ("hbm_gb", "ddr_gb", "intra_host_bw_gbps", "inter_host_bw_gbps", "local_world_size"):

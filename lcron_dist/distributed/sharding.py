@@ -23,7 +23,6 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import optim as trec_optim
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import ShardingOption
@@ -129,14 +128,11 @@ def describe_table_optimizer(config: JobConfig, device: torch.device, shardings:
     return "; ".join(parts)
 
 
-def build_sharder(config: JobConfig, device: torch.device) -> CascadeSharder:
-    """The sharder, with the fused table optimizer and the output distribution's precision from the config."""
-    p = config.parallelism
-    precision = CommType[p.comm_precision.upper()]
-    return CascadeSharder(fused_params={"optimizer": FUSED_OPTIMIZERS[p.table_optimizer],
-                                        "learning_rate": p.table_lr or config.optim.lr},
-                          qcomm_codecs_registry=get_qcomm_codecs_registry(
-                              QCommsConfig(forward_precision=precision, backward_precision=precision), device=device))
+def build_sharder(config: JobConfig) -> CascadeSharder:
+    """The sharder, with the fused table optimizer from the config."""
+    lr = config.parallelism.table_lr or config.optim.lr
+    return CascadeSharder(fused_params={"optimizer": FUSED_OPTIMIZERS[config.parallelism.table_optimizer],
+                                        "learning_rate": lr})
 
 
 def build_topology(config: JobConfig, device_type: str, world_size: int) -> Topology:
@@ -286,7 +282,7 @@ def apply_sharding(model: nn.Module, config: JobConfig, device: torch.device, wo
         The DMP-wrapped model and a printable description of the plan.
     """
     planner = build_planner(model, config, device.type, world_size, slots_per_request)
-    sharder = build_sharder(config, device)
+    sharder = build_sharder(config)
     plan: ShardingPlan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     dense_names = [name for name, _ in model.named_parameters() if name.startswith(dense_prefix)]
     with row_sparse_adam_kernels() if uses_row_sparse_adam(config, device) else contextlib.nullcontext():

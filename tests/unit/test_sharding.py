@@ -56,7 +56,7 @@ def test_auto_on_cpu_is_the_planners_choice_with_the_row_sparse_kernel(optimizer
     assert set(table_shardings(config, TABLES).values()) == {"auto"}
     model = Cascade(config.model, plan.recflow_vocab_sizes(100), build_loss("lcron", num_stages=2), device="meta")
     planner = build_planner(model, config, "cpu", 2, slots_per_request=90)
-    planner.plan(model, [build_sharder(config, torch.device("cpu"))])
+    planner.plan(model, [build_sharder(config)])
     chosen = {p.sharding for p in placements(planner)}
     assert chosen and (optimizer == "adam" or "data_parallel" not in chosen), chosen
     kernels = {p.kernel for p in placements(planner) if p.sharding != "data_parallel"}
@@ -84,7 +84,7 @@ def test_planner_spreads_full_size_tables_over_gpus() -> None:
     vocab = plan.recflow_vocab_sizes(device_ids=42_472)
     model = Cascade(config.model, vocab, build_loss("lcron", num_stages=2), device="meta")
     planner = build_planner(model, config, "cuda", 4, slots_per_request=50)
-    planner.plan(model, [build_sharder(config, torch.device("cpu"))])
+    planner.plan(model, [build_sharder(config)])
     placed = {p.table: p for p in placements(planner)}
     assert set(placed) == set(table_names(model))
     video = placed["ranking__video_id"]
