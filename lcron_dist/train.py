@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
     except ValueError as exc:
         parser.error(str(exc))
+    from lcron_dist.components.finite import NonFiniteLoss
     from lcron_dist.trainer import Trainer  # heavy imports only once the config is known to be valid
 
     failed = True
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad input (config, data, device support): a message, not a traceback
         print(f"lcron-train: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as exc:  # the run diverged: lower the learning rate (or clip) and restart
+        print(f"lcron-train: error: {exc}", file=sys.stderr)
+        return 3
     finally:
         teardown(failed)
     return 0

@@ -28,11 +28,13 @@ from lcron_dist.components.checkpoint import (
     CheckpointCallback,
     CheckpointError,
     Checkpointer,
+    checkpoint_steps,
     config_changes,
     first_mismatch,
     library_versions,
 )
 from lcron_dist.components.compiler import prepare_inductor_in_background
+from lcron_dist.components.finite import NonFiniteLoss, check_finite_loss
 from lcron_dist.components.logging import MetricsSink, build_logger
 from lcron_dist.components.profiling import (
     PhaseTimer,
@@ -308,6 +310,7 @@ class Trainer:
             batch = batch.to(self.device)
         with phase("forward"), self.autocast():
             out, _ = self.model(batch)
+        check_finite_loss(out.total)
         with phase("backward"):
             self.engine.backward(out.total)
         with phase("dense_step"):
@@ -348,9 +351,12 @@ class Trainer:
 
         Days the cursor has passed are skipped; the cursor's day continues at its next global batch.
         Progress (requests, seconds, step) accumulates in self.progress.
+
+        Raises:
+            NonFiniteLoss: on every rank, at the first step whose loss is not finite on some rank,
+                before any rank steps on it (so the last checkpoint holds the last good state).
         """
         self.model.train()
-        limit = self.config.train.max_steps_per_day
         todo = [(day, start) for day in days if (start := self.progress.start_batch(day)) is not None]
         p = self.config.profiling
         with maybe_enable_profiling(p.enable_profiling, self.run_dir / "traces", self.dist.rank,
@@ -361,31 +367,44 @@ class Trainer:
                 batches = self.reader.iter_day(day, shuffle=True, start=start)  # takes this day's prefetch
                 if i + 1 < len(todo):  # the next day streams in while this one trains
                     self.reader.prefetch(todo[i + 1][0], shuffle=True)
-                sizes = self.reader.global_batch_sizes(day)
-                sizes = sizes[:limit] if limit else sizes
-                bar = tqdm(total=len(sizes), initial=start, desc=f"train {day}", unit="step",
-                           disable=not (self.dist.is_main and self.config.run.progress))
+                try:
+                    self._train_day(day, start, batches, profiler)
+                except NonFiniteLoss as exc:
+                    saved = checkpoint_steps(self.checkpointer.root)
+                    raise NonFiniteLoss(
+                        f"{exc} at step {self.progress.step + 1} (day {day}, global batch "
+                        f"{self.progress.start_batch(day) + 1}): training stopped before any rank stepped on it, "
+                        f"and no checkpoint holds it; a restart resumes from "
+                        f"{saved[-1][1] if saved else 'the start (no checkpoint yet)'}") from None
+                finally:
+                    batches.close()
+
+    def _train_day(self, day: dt.date, start: int, batches: Iterator[Batch], profiler) -> None:
+        """Train `day` from its global batch `start` on; log and checkpoint as configured."""
+        limit = self.config.train.max_steps_per_day
+        sizes = self.reader.global_batch_sizes(day)
+        sizes = sizes[:limit] if limit else sizes
+        bar = tqdm(total=len(sizes), initial=start, desc=f"train {day}", unit="step",
+                   disable=not (self.dist.is_main and self.config.run.progress))
+        window_requests, window_start = 0, time.perf_counter()
+        step_start = time.perf_counter()
+        self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0
+        for index, (parts, size) in enumerate(self.train_batches(itertools.islice(batches, len(sizes) - start)), start):
+            last = index + 1 == len(sizes)
+            self.progress.advance(day, sizes[index], last)
+            window_requests += size
+            bar.update()
+            if profiler is not None:
+                profiler.step()
+            if self.progress.step % self.config.run.log_every == 0:
+                self._log_step(day, parts, window_requests, time.perf_counter() - window_start)
                 window_requests, window_start = 0, time.perf_counter()
-                step_start = time.perf_counter()
-                self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0
-                steps = self.train_batches(itertools.islice(batches, len(sizes) - start))
-                for index, (parts, size) in enumerate(steps, start):
-                    last = index + 1 == len(sizes)
-                    self.progress.advance(day, sizes[index], last)
-                    window_requests += size
-                    bar.update()
-                    if profiler is not None:
-                        profiler.step()
-                    if self.progress.step % self.config.run.log_every == 0:
-                        self._log_step(day, parts, window_requests, time.perf_counter() - window_start)
-                        window_requests, window_start = 0, time.perf_counter()
-                    self.progress.seconds += time.perf_counter() - step_start
-                    if self._save_due(last):
-                        self.save_checkpoint()
-                    step_start = time.perf_counter()  # the next step runs when the loop asks for it
-                    self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0
-                batches.close()
-                bar.close()
+            self.progress.seconds += time.perf_counter() - step_start
+            if self._save_due(last):
+                self.save_checkpoint()
+            step_start = time.perf_counter()  # the next step runs when the loop asks for it
+            self.timer.sync = (self.progress.step + 1) % self.config.run.log_every == 0
+        bar.close()
 
     # ---- evaluation ---------------------------------------------------------------------------
 

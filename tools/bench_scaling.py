@@ -23,10 +23,13 @@ ranged 96-111 ms across four runs in one hour), so the table gives medians and e
 over the one-process run of the same repeat. Prints a markdown table.
 
     python tools/bench_scaling.py --configs configs/tiny-2stage.toml configs/small-2stage.toml --nprocs 1 2 \\
-        [--steps 8] [--profiled-steps 4] [--threads T] [--repeats 3] [-- --data.path=... overrides]
+        [--steps 8] [--profiled-steps 4] [--threads T] [--repeats 3] [--nodes 2] [-- --data.path=... overrides]
 
 With --threads 1, "2 x 1 vs 1 x 1" is the speedup from a second process alone (the default gives each
-process cores / processes threads, so 1 process uses every core).
+process cores / processes threads, so 1 process uses every core). With --nodes M every multi-process job
+runs as M torchrun agents on this machine, as M hosts would (each its own LOCAL_WORLD_SIZE, so the
+planner sees M hosts). Steps run through the trainer's loop (train.pipeline: TorchRec's train pipeline
+by default), each timed call filling and draining the pipeline once.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lcron_dist.distributed.process_group import launch_local
+from lcron_dist.distributed.process_group import RendezvousStore, launch_local
 
-COMM = re.compile(r"all_?reduce|all_?to_?all|reduce_?scatter|all_?gather|broadcast|c10d|gloo|nccl|record_param_comms|"
+COMM = re.compile(r"all_?reduce|all_?to_?all|all2all|reduce_?scatter|all_?gather|broadcast|c10d|gloo|nccl|record_param_comms|"
                   r"wait_tensor|_wait", re.IGNORECASE)
 
 
@@ -100,6 +103,7 @@ def worker(args: argparse.Namespace, overrides: list[str]) -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "requests_per_s": args.steps * config.data.batch_size / seconds,
         "threads": torch.get_num_threads(),
+        "nodes": trainer.dist.world_size // int(os.environ["LOCAL_WORLD_SIZE"]),  # as torchrun launched them
     }
     everyone = [None] * trainer.dist.world_size
     dist.all_gather_object(everyone, mine)
@@ -141,6 +145,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profiled-steps", type=int, default=4, help="steps profiled for the communication share")
     parser.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="launch each multi-process job as this many torchrun agents (hosts) on this machine")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every process count, in alternating order")
     parser.add_argument("--config", help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--report", help=argparse.SUPPRESS)
@@ -149,6 +155,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
+    if any(n > 1 and n % args.nodes for n in args.nprocs):
+        parser.error(f"--nodes {args.nodes} must divide every process count > 1 of --nprocs")
     if "RANK" in os.environ:
         worker(args, overrides)
         return
@@ -159,7 +167,7 @@ def main() -> None:
             # Process counts in alternating order, so a machine drifting one way favours none of them.
             for nprocs in args.nprocs if repeat % 2 == 0 else args.nprocs[::-1]:
                 threads = args.threads or max(1, os.cpu_count() // nprocs)
-                ranks = run_jobs(config, [nprocs], threads, args, overrides)
+                ranks = run_jobs(config, [nprocs], threads, args, overrides, nodes=args.nodes if nprocs > 1 else 1)
                 independent = run_jobs(config, [1] * nprocs, threads, args, overrides) if nprocs > 1 else []
                 run = {"ranks": ranks, "total": sum(r["requests_per_s"] for r in ranks) / len(ranks) * nprocs,
                        "ceiling": sum(r["requests_per_s"] for r in independent) if independent else None,
@@ -193,7 +201,9 @@ def main() -> None:
         def each(key: str, fmt: str) -> str:
             return " / ".join(format(rank[key], fmt) for rank in middle["ranks"])
 
-        print(f"| {Path(config).stem} | {nprocs} x {middle['ranks'][0]['threads']} | {total:,.0f} | {speedup} | "
+        nodes = middle["ranks"][0]["nodes"]
+        hosts = f" ({nodes} nodes)" if nodes > 1 else ""
+        print(f"| {Path(config).stem} | {nprocs} x {middle['ranks'][0]['threads']}{hosts} | {total:,.0f} | {speedup} | "
               f"{each_repeat} | {independent} | {f'{total / ceiling:.0%}' if ceiling else '-'} | {together} | "
               f"{each('step_ms', '.0f')} | {each('peak_rss_mib', ',.0f')} | {each('comm_share', '.2%')} |")
     print_collectives(runs, top=10)
@@ -216,21 +226,28 @@ def print_collectives(runs: dict[tuple[str, int], list[dict]], top: int) -> None
                   f"{' / '.join(f'{ms:.2f}' for _, ms in per_rank)} |")
 
 
-def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespace, overrides: list[str]) -> list[dict]:
-    """Launch one torchrun job per entry of `sizes` (its process count), all at once; every rank's report."""
+def run_jobs(config: str, sizes: list[int], threads: int, args: argparse.Namespace, overrides: list[str],
+             nodes: int = 1) -> list[dict]:
+    """Launch one torchrun job per entry of `sizes` (its process count), all at once, each as `nodes`
+    torchrun agents of sizes[i] / nodes processes (one rendezvous); every rank's report."""
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp, f"log{i}.txt").open("w") for i in range(len(sizes))]
         sync = ["--sync-dir", tmp, "--jobs", str(len(sizes))] if len(sizes) > 1 else []
-        jobs = [launch_local(Path(__file__).resolve(), n, [
-            "--config", config, "--report", f"{tmp}/report{i}.json", "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--profiled-steps", str(args.profiled_steps), *sync, "--job", str(i),
-            f"--run.dir={tmp}/run{i}", *overrides],
-            threads, repo, stdout=logs[i], stderr=subprocess.STDOUT) for i, n in enumerate(sizes)]
-        for i, job in enumerate(jobs):
+        jobs = []
+        for i, n in enumerate(sizes):
+            rendezvous = RendezvousStore()
+            jobs += [(i, launch_local(Path(__file__).resolve(), n // nodes, [
+                "--config", config, "--report", f"{tmp}/report{i}.json", "--steps", str(args.steps),
+                "--warmup", str(args.warmup), "--profiled-steps", str(args.profiled_steps), *sync, "--job", str(i),
+                f"--run.dir={tmp}/run{i}", *overrides],
+                threads, repo, nnodes=nodes, rendezvous=rendezvous, stdout=logs[i], stderr=subprocess.STDOUT))
+                for _ in range(nodes)]
+        for i, job in jobs:
             if job.wait() != 0:
                 raise SystemExit(f"{config} × {sizes[i]} failed:\n{Path(tmp, f'log{i}.txt').read_text()[-4000:]}")
-            logs[i].close()
+        for log in logs:
+            log.close()
         return [rank for i in range(len(sizes)) for rank in json.loads(Path(tmp, f"report{i}.json").read_text())]
 
 

@@ -7,8 +7,8 @@ under way, and batch i+2 is read. Only the lookups' output distribution stays on
 The pipeline reaches the sharded collections by tracing the model: each takes an attribute of the batch
 (Batch.features) as it is, and the model's other modules are leaves of the trace.
 
-TorchRec's loop is kept as it is; this subclass only swaps what differs in this trainer: the loss goes
-backward through the DeepSpeed engine, the step is DeepSpeed's then the fused table optimizer's, and
+TorchRec's loop is kept as it is; this subclass only swaps what differs in this trainer: the loss is checked
+(every rank stops before a non-finite loss goes backward) and goes backward through the DeepSpeed engine, the step is DeepSpeed's then the fused table optimizer's, and
 every part runs under the trainer's phase timer ('input_dist' is the pipeline's own phase).
 """
 
@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from lcron_dist.components.finite import check_finite_loss
 from lcron_dist.components.profiling import PhaseTimer
 from lcron_dist.data.batch import Batch
 
@@ -52,6 +53,7 @@ class SparseDistPipeline(TrainPipelineSparseDist):
         return out.total, ({"loss": out.total.detach(), **out.parts}, batch.size)
 
     def _backward(self, losses: torch.Tensor) -> None:
+        check_finite_loss(losses)
         with self.timer.phase("backward"):
             self.engine.backward(losses)
 

@@ -46,18 +46,20 @@ class RendezvousStore:
         return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
-def launch_local(script: Path, nprocs: int, args: list[str], threads: int, cwd: Path,
-                 **popen: object) -> subprocess.Popen:
+def launch_local(script: Path, nprocs: int, args: list[str], threads: int, cwd: Path, nnodes: int = 1,
+                 rendezvous: RendezvousStore | None = None, **popen: object) -> subprocess.Popen:
     """torchrun of `script args` as `nprocs` processes on this machine, `threads` torch threads each.
 
-    Its rendezvous endpoint is served by this process until the launch is collected; RANK, WORLD_SIZE
-    and LOCAL_RANK of a launching process are not passed on. The caller waits for the Popen.
+    With `nnodes` > 1 this is one node of that many: launch one per node with the same `rendezvous`
+    (torchrun agents on one machine standing in for hosts). The rendezvous endpoint is served by this
+    process until the launch is collected; RANK, WORLD_SIZE and LOCAL_RANK of a launching process are
+    not passed on. The caller waits for the Popen.
     """
-    rendezvous = RendezvousStore()
+    rendezvous = rendezvous or RendezvousStore()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{rendezvous.port}", str(script), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nprocs),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous.port}", str(script), *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, **popen)
     proc.rendezvous = rendezvous  # served until the launch is collected
     return proc

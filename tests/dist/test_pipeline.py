@@ -71,3 +71,4 @@ def test_the_last_partial_global_batch_of_a_day_is_trained(runs: dict, ranks: in
     assert DAY_REQUESTS % (BATCH * ranks) != 0
     assert [sum(r["day"] == d for r in run["rows"]) for d in days] == [per_day] * len(days)
     assert run["results"]["train_requests"] == DAY_REQUESTS * len(days)
+

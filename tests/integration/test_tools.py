@@ -131,10 +131,12 @@ def test_lcron_plan_states_checkpoint_bytes_per_rank(tmp_path: Path) -> None:
 
 
 def test_bench_scaling_reports_communication_and_the_independent_ceiling(tiny_raw: Path, tmp_path: Path) -> None:
+    """The 2-rank job runs as two torchrun agents (--nodes 2), which its ranks report."""
     out = _tool(tmp_path, tiny_raw, "tools/bench_scaling.py", "--configs", "configs/tiny-2stage.toml", "--nprocs", "2",
-                "--threads", "1", "--steps", "2", "--warmup", "1", "--profiled-steps", "2", "--repeats", "1")
+                "--threads", "1", "--steps", "2", "--warmup", "1", "--profiled-steps", "2", "--repeats", "1",
+                "--nodes", "2")
     assert "tiny-2stage.toml × 2 (repeat 1)" in out
-    row = next(line for line in out.splitlines() if line.startswith("| tiny-2stage | 2 x 1 |"))
+    row = next(line for line in out.splitlines() if line.startswith("| tiny-2stage | 2 x 1 (2 nodes) |"))
     cells = [cell.strip() for cell in row.strip("| ").split("|")]
     assert float(cells[5].replace(",", "")) > 0, "two independent one-process jobs ran"
     # The jobs were timed together: each kept training through the other's timed steps.

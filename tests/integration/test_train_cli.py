@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +69,26 @@ def test_bad_override_is_rejected_before_training(tiny_datasets: dict[int, Path]
     assert "data.batch_size must be >= 1" in proc.stderr
     proc = _train("tiny-3stage.toml", tiny_datasets[2], tmp_path)
     assert proc.returncode != 0 and "converted for 2 stages" in proc.stderr
+
+
+def test_diverging_run_stops_at_the_first_non_finite_loss(tiny_datasets: dict[int, Path], tmp_path: Path) -> None:
+    """lr=1e12 makes the loss NaN within a few steps: the run exits 3 naming the step, day and batch,
+    metrics.jsonl holds only finite JSON rows, no checkpoint is of that step or later, and a restart
+    resumes from the last checkpoint and stops at the same step."""
+    args = ("--optim.lr=1e12", "--run.log_every=1", "--checkpoint.every_steps=1")
+    proc = _train("tiny-2stage.toml", tiny_datasets[2], tmp_path, *args)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    found = re.search(r"lcron-train: error: the loss is not finite on rank 0 at step (\d+) \(day (\S+), global batch "
+                      r"(\d+)\).* a restart resumes from (\S+)step-(\d+)$", proc.stderr, re.MULTILINE)
+    assert found, proc.stderr[-3000:]
+    step, last_good = int(found[1]), int(found[5])
+    assert step > 1 and last_good == step - 1
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, step)) and all(math.isfinite(r["loss"]) for r in rows)
+    assert max(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*")) == step - 1
+    assert not (tmp_path / "results.json").exists()
+
+    again = _train("tiny-2stage.toml", tiny_datasets[2], tmp_path, *args)
+    assert again.returncode == 3 and f"step-{step - 1} (step {step - 1}," in again.stderr, again.stderr[-3000:]
+    assert f"at step {step} (day {found[2]}, global batch {found[3]})" in again.stderr
