@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ddr-gb", type=float, help="host memory per rank, GiB (overrides parallelism.ddr_gb)")
     parser.add_argument("--local-world-size", type=int, help="ranks per host (default: min(8, world size))")
     parser.add_argument("--dataset", help="take vocabulary sizes from this converted dataset's meta.json")
-    parser.add_argument("--device-ids", type=int, default=schema.RECFLOW_ID_COUNTS["user_id"],
-                        help="device_id vocabulary (RecFlow does not publish it; default: the number of users)")
+    parser.add_argument("--device-ids", type=int, default=schema.RECFLOW_NUM_DEVICES,
+                        help="device_id vocabulary (not in RecFlow's id_cnt.pkl; default: the distinct device ids "
+                             "of its logs, 42,561)")
     args, overrides = parser.parse_known_args(argv)
     if args.world_size < 1:
         parser.error("--world-size must be >= 1")

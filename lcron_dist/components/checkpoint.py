@@ -216,7 +216,10 @@ class Checkpointer:
             shutil.rmtree(final, ignore_errors=True)  # a damaged folder of the same step
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(state, checkpoint_id=str(tmp))
+        # A file per tensor: DCP's writer holds every tensor of a file until the file is done, and copies
+        # each that is a view of a larger buffer (fbgemm keeps a group's tables in one), so one file per
+        # rank would hold a copy of all of that rank's tables at once.
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=False))
         _barrier()  # every rank's shards are on disk
         if self.rank == 0:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -18,7 +18,8 @@ def _synth(args: argparse.Namespace) -> int:
         name: value
         for name, value in (("days", args.days), ("requests_per_day", args.requests_per_day),
                             ("end_day", args.end_day), ("seed", args.seed),
-                            ("shuffle_rows", args.shuffle_rows), ("pickle_protocol", args.pickle_protocol))
+                            ("shuffle_rows", args.shuffle_rows), ("pickle_protocol", args.pickle_protocol),
+                            ("vocab", args.vocab))
         if value is not None
     }
     config = synth.SynthConfig.preset(args.preset, **overrides)
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write all_stage and realshow rows in a random order, not grouped by request")
     p.add_argument("--pickle-protocol", type=int, choices=(2, 3, 4, 5),  # synth.PICKLE_PROTOCOLS (synth loads torch)
                    help="pickle protocol of the day dicts and id_cnt.pkl (default 5)")
+    p.add_argument("--vocab", choices=("twin", "recflow"),  # synth.VOCABS
+                   help="id ranges: the preset's own (twin, default) or RecFlow's full vocabularies (82,216,301 "
+                        "videos, 33,474,011 authors, ...), the preset's users and videos spread over them")
     p.set_defaults(run=_synth)
 
     p = sub.add_parser("convert", help="raw RecFlow -> day-partitioned Parquet dataset")

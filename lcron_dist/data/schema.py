@@ -94,7 +94,10 @@ RECFLOW_ID_COUNTS: dict[str, int] = {
     "gender": 3,
     "province": 79,
 }
-"""Vocabulary sizes of the full published dataset (device_id is not published)."""
+"""Vocabulary sizes of the full published dataset (device_id is not in id_cnt.pkl)."""
+
+RECFLOW_NUM_DEVICES = 42_561
+"""Distinct device_id values of the published logs (id_cnt.pkl does not list them)."""
 
 # ---------------------------------------------------------------------------------------------------
 # Training examples: candidate groups and graded labels (METHOD.md section 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import pickle
 import time
@@ -37,7 +38,7 @@ REPORT_PATH = "others/synth_report.json"
 """Calibration report written beside id_cnt.pkl (the converter ignores it)."""
 
 _CHUNK = 2048  # requests simulated at once: bounds memory ([C, P, D] float32 ≈ 50 MB), not the output
-_WORLD, _REQUESTS, _FUNNEL, _FEEDBACK, _LAYOUT = range(5)  # seed purposes
+_WORLD, _REQUESTS, _FUNNEL, _FEEDBACK, _LAYOUT, _SPREAD = range(6)  # seed purposes
 _RANK_KEEP = schema.MAX_POSITIVE_INDEX  # the ranking stage passes 20 items on to re-ranking
 _GROUP = {label: schema.LOGGED_PER_REQUEST[label][1] for label in schema.STAGE_LABELS}
 _ALL_STAGE_ROWS = _RANK_KEEP + _GROUP["rank_neg"] + _GROUP["coarse_neg"] + _GROUP["prerank_neg"]  # per request
@@ -63,6 +64,9 @@ _WATCH_OFFSET, _WATCH_NOISE = 4.0, 0.8  # watch fraction = sigmoid(utility - off
 _INTERACTION_OFFSETS = {"like": 8.0, "comment": 8.5, "forward": 9.0, "follow": 9.5}  # rarer and rarer (~6% .. 2%)
 PICKLE_PROTOCOLS = (2, 3, 4, 5)
 """Pickle protocols the twin can be written with (numpy arrays pickle the same way in 2..4)."""
+VOCABS = ("twin", "recflow")
+"""SynthConfig.vocab: the hidden world's own id ranges, or RecFlow's full ones."""
+_RECFLOW_COUNTS = {**schema.RECFLOW_ID_COUNTS, "device_id": schema.RECFLOW_NUM_DEVICES}
 
 
 @dataclass
@@ -105,6 +109,11 @@ class SynthConfig:
     pickle_protocol: int = 5
     """Pickle protocol of the day dicts and id_cnt.pkl (2..5); RecFlow promises none, and protocols <= 4
     store arrays differently from 5."""
+    vocab: str = "twin"
+    """Id ranges written: twin (each vocabulary the size of the hidden world: num_users, num_videos, ...)
+    or recflow (RecFlow's full vocabularies: the hidden users, devices, videos and authors get ids
+    spread over RecFlow's whole ranges by an injective map, so popularity keeps its skew and no array
+    has a vocabulary's size)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.end_day, str):
@@ -131,6 +140,14 @@ class SynthConfig:
             raise ValueError(f"SynthConfig.zipf_exponent must be > 0, got {self.zipf_exponent}")
         if len(self.stage_noise) != 4 or min(self.stage_noise) < 0:
             raise ValueError(f"SynthConfig.stage_noise must be 4 values >= 0, got {self.stage_noise}")
+        if self.vocab not in VOCABS:
+            raise ValueError(f"SynthConfig.vocab must be one of {VOCABS}, got {self.vocab!r}")
+        if self.vocab == "recflow":
+            for name, field in (("num_users", "user_id"), ("num_videos", "video_id"), ("num_authors", "author_id"),
+                                ("num_devices", "device_id")):
+                if getattr(self, name) > _RECFLOW_COUNTS[field]:
+                    raise ValueError(f"SynthConfig.{name}={getattr(self, name)} must be <= RecFlow's {field} "
+                                     f"vocabulary ({_RECFLOW_COUNTS[field]}) with vocab='recflow'")
         if self.pickle_protocol not in PICKLE_PROTOCOLS:
             raise ValueError(f"SynthConfig.pickle_protocol must be one of {PICKLE_PROTOCOLS}, got {self.pickle_protocol}")
 
@@ -226,6 +243,7 @@ class _World:
     items: dict[str, np.ndarray]  # published item columns by internal video index, each [V] int64
     user_vec: np.ndarray  # [U, D] float32
     users: dict[str, np.ndarray]  # device_id, age, gender, province, each [U] int64
+    user_ids: np.ndarray  # [U] int64, the user_id written for each internal user
     user_activity: np.ndarray  # [U] probabilities of issuing a request
     user_cat_cdf: np.ndarray  # [U * C2] float64: user u's category CDF, offset by u (one searchsorted for all)
     context: np.ndarray  # [24, C1] hour × category_level_one taste
@@ -246,6 +264,14 @@ def _normalise(weights: np.ndarray) -> np.ndarray:
 
 def _day_start_ms(day: dt.date) -> int:
     return int(dt.datetime.combine(day, dt.time(), tzinfo=ZoneInfo(schema.TIME_ZONE)).timestamp() * 1000)
+
+
+def _spread(ids: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Ids in [0, n) mapped injectively over [0, size) (n <= size): i -> (a·i + b) mod size, with a stride a
+    coprime to size, so neighbouring ids land far apart and the whole range is used."""
+    while math.gcd(stride := int(rng.integers(size // 3, size)), size) != 1:
+        pass
+    return (ids.astype(np.int64) * stride + int(rng.integers(0, size))) % size
 
 
 def _build_world(config: SynthConfig) -> _World:
@@ -305,12 +331,19 @@ def _build_world(config: SynthConfig) -> _World:
     cdf[:, -1] = 1.0
     boost = np.zeros(_NUM_UPLOAD_TYPES, np.float32)
     boost[rng.choice(_NUM_UPLOAD_TYPES, _RERANK_BOOSTED_TYPES, replace=False)] = _RERANK_BOOST
+    user_ids = np.arange(num_users)
+    if config.vocab == "recflow":
+        spread = np.random.default_rng([config.seed, _SPREAD])
+        user_ids = _spread(user_ids, _RECFLOW_COUNTS["user_id"], spread)
+        users["device_id"] = _spread(users["device_id"], _RECFLOW_COUNTS["device_id"], spread)
+        for field in ("video_id", "author_id"):
+            items[field] = _spread(items[field], _RECFLOW_COUNTS[field], spread)
     return _World(
         cat1_of_cat2=cat1_of_cat2, video_author=video_author, video_cat2=video_cat2, video_vec=video_vec,
         quality=quality, log_pop=((log_pop - log_pop.mean()) / log_pop.std()).astype(np.float32),
         pop_cum=np.concatenate([[0.0], np.cumsum(popularity)]), cat2_bounds=cat2_bounds,
         author_bounds=np.searchsorted(video_author, np.arange(num_authors + 1)), items=items,
-        user_vec=user_vec, users=users, user_activity=_normalise(rng.lognormal(0, 0.8, num_users)),
+        user_vec=user_vec, users=users, user_ids=user_ids, user_activity=_normalise(rng.lognormal(0, 0.8, num_users)),
         user_cat_cdf=(np.arange(num_users)[:, None] + cdf).ravel(),
         context=rng.standard_normal((24, _NUM_CAT1)).astype(np.float32), boost=boost,
     )
@@ -547,6 +580,7 @@ def _all_stage(world: _World, requests: dict[str, np.ndarray], funnel: dict[str,
     is_rank_pos = rerank[:, :, None] == funnel["rank_pos"][:, None, :]  # [R, 20, 10]
     pad = lambda values: np.pad(values, ((0, 0), (0, width - values.shape[1])))  # noqa: E731
     columns = {name: np.repeat(requests[name], width) for name in ("request_id", *schema.REQUEST_COLUMNS)}
+    columns["user_id"] = np.repeat(world.user_ids[requests["user_id"]], width)
     columns |= _item_columns(world, videos)
     columns |= {
         "realshow": pad(feedback["realshow"]),
@@ -707,7 +741,7 @@ def generate(config: SynthConfig, out_root: str | Path, progress: bool = True) -
         totals["effective"] += int(shown["effective_view"].sum())
 
     scaled = {"user_id": config.num_users, "device_id": config.num_devices, "video_id": config.num_videos,
-              "author_id": config.num_authors}
+              "author_id": config.num_authors} if config.vocab == "twin" else _RECFLOW_COUNTS
     counts = {field: scaled.get(field) or schema.RECFLOW_ID_COUNTS[field] for field in schema.ID_FIELDS}
     counts |= {alias: counts[field] for alias, field in schema.ID_CNT_ALIASES.items()}
     _write_pickle(root / schema.ID_CNT_PATH, counts, config.pickle_protocol)

@@ -326,26 +326,32 @@ _INIT_BLOCK_ROWS = 1 << 20
 """Rows drawn per generator seed: a shard draws only the blocks it overlaps."""
 
 
-def _table_rows(seed: int, table: str, rows: int, dim: int, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of `table`'s initial weights, U(-1/√rows, 1/√rows) as TorchRec draws them.
+def _fill_table_rows(out: torch.Tensor, seed: int, table: str, rows: int, dim: int, start: int, column: int = 0) -> None:
+    """Write `table`'s initial weights, U(-1/√rows, 1/√rows) as TorchRec draws them, into `out`: its rows
+    [start, start + len(out)) and columns [column, column + out.shape[1]).
 
-    Generated block by block from generators seeded by (seed, table, block), so the values of a row
-    do not depend on which rank holds it.
+    Drawn block by block from generators seeded by (seed, table, block), so the values of a row do not
+    depend on which rank holds it; one block is the only temporary (a shard is filled in place).
     """
-    bound = rows ** -0.5
-    out = []
-    first = start // _INIT_BLOCK_ROWS
-    for block in range(first, (stop - 1) // _INIT_BLOCK_ROWS + 1):
+    bound, stop = rows ** -0.5, start + out.shape[0]
+    for block in range(start // _INIT_BLOCK_ROWS, (stop - 1) // _INIT_BLOCK_ROWS + 1):
         lo = block * _INIT_BLOCK_ROWS
-        n = min(_INIT_BLOCK_ROWS, rows - lo)
         g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{table}/{block}".encode()))
-        out.append(torch.empty(n, dim).uniform_(-bound, bound, generator=g))
-    return torch.cat(out)[start - first * _INIT_BLOCK_ROWS: stop - first * _INIT_BLOCK_ROWS]
+        values = torch.empty(min(_INIT_BLOCK_ROWS, rows - lo), dim).uniform_(-bound, bound, generator=g)
+        first, last = max(lo, start), min(lo + len(values), stop)
+        out[first - start: last - start].copy_(values[first - lo: last - lo, column: column + out.shape[1]])
+
+
+def _table_rows(seed: int, table: str, rows: int, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of `table`'s initial weights (a new tensor; see _fill_table_rows)."""
+    out = torch.empty(stop - start, dim)
+    _fill_table_rows(out, seed, table, rows, dim, start)
+    return out
 
 
 @torch.no_grad()
 def apply_table_init(dmp: DistributedModelParallel, seed: int) -> None:
-    """Give every table the same initial rows whatever its sharding and the world size.
+    """Give every table the same initial rows whatever its sharding and the world size, in place.
 
     TorchRec initialises each shard from its rank's random stream, so a row-wise table on 2 ranks
     would start from other values than on 1 rank; this makes runs comparable across layouts.
@@ -357,10 +363,10 @@ def apply_table_init(dmp: DistributedModelParallel, seed: int) -> None:
         rows, dim = tensor.size()
         if isinstance(tensor, ShardedTensor):
             for shard in tensor.local_shards():
-                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(_table_rows(seed, table, rows, dim, r0, r0 + nr)[:, c0:c0 + nc])
+                r0, c0 = shard.metadata.shard_offsets
+                _fill_table_rows(shard.tensor, seed, table, rows, dim, r0, c0)
         else:
-            tensor.copy_(_table_rows(seed, table, rows, dim, 0, rows))
+            _fill_table_rows(tensor, seed, table, rows, dim, 0)
 
 
 # ---- checkpoint support --------------------------------------------------------------------------

@@ -77,6 +77,9 @@ def test_table_rows_do_not_depend_on_how_a_table_is_cut(monkeypatch: pytest.Monk
     assert full.abs().max() <= 50 ** -0.5
     assert not torch.equal(full, _table_rows(4, "t", 50, 4, 0, 50)), "the seed matters"
     assert not torch.equal(full, _table_rows(3, "u", 50, 4, 0, 50)), "each table has its own rows"
+    shard = torch.full((20, 4), float("nan"))[:, 1:3]  # a column-wise shard, filled in place through a view
+    sharding._fill_table_rows(shard, 3, "t", 50, 4, 17, column=1)
+    assert torch.equal(shard, full[17:37, 1:3])
 
 
 def test_planner_spreads_full_size_tables_over_gpus() -> None:

@@ -244,6 +244,8 @@ def test_presets_and_overrides() -> None:
     (dict(stage_noise=(1.0, 1.0, 1.0)), "stage_noise"),
     (dict(end_day="2024-02-30"), "invalid day"),
     (dict(pickle_protocol=1), "pickle_protocol"),
+    (dict(vocab="full"), "vocab"),
+    (dict(vocab="recflow", num_devices=50_000), "num_devices"),
 ])
 def test_config_validation(overrides: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -284,3 +286,31 @@ def _equal_nested(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and list(a) == list(b) and all(_equal_nested(a[k], b[k]) for k in a)
     return a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_recflow_vocab_relabels_the_same_twin_over_the_full_ranges(twin: Twin, tmp_path: Path) -> None:
+    """--vocab recflow: the same logs as the twin's (same seed), each user, device, video and author id
+    replaced by one id of RecFlow's full range (one to one, so popularity keeps its skew), ids spread
+    over the whole range, id_cnt.pkl with RecFlow's counts; the converter takes it."""
+    from lcron_dist.data import convert, dataset
+
+    root = tmp_path / "raw"
+    assert cli.main(["--quiet", "synth", "--out", str(root), "--preset", "tiny", "--vocab", "recflow"]) == 0
+    counts = _load_pickle(root / schema.ID_CNT_PATH)
+    full = {**schema.RECFLOW_ID_COUNTS, "device_id": schema.RECFLOW_NUM_DEVICES}
+    assert {field: counts[field] for field in schema.ID_FIELDS} == full
+    frame = pd.concat([pd.read_feather(root / schema.ALL_STAGE_DIR / f"{day}.feather") for day in DAYS],
+                      ignore_index=True)
+    relabelled = ["user_id", "device_id", "video_id", "author_id"]
+    mine = twin.all_stage.drop(columns="day")
+    pd.testing.assert_frame_equal(frame.drop(columns=relabelled), mine.drop(columns=relabelled))
+    for field in relabelled:
+        pairs = pd.DataFrame({"twin": mine[field], "full": frame[field]}).drop_duplicates()
+        assert pairs["twin"].is_unique and pairs["full"].is_unique, f"{field} is not relabelled one to one"
+        ids = pairs["full"]
+        assert ids.between(0, full[field] - 1).all(), field
+        assert ids.min() < 0.1 * full[field] and ids.max() > 0.9 * full[field], f"{field} ids do not span the range"
+
+    data = tmp_path / "dataset"
+    convert.convert(root, data, num_stages=2, progress=False)
+    assert dataset.load_meta(data).vocab_sizes == dataset.vocab_sizes(full)
