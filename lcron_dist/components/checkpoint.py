@@ -6,17 +6,18 @@ A checkpoint is the folder CHECKPOINT_DIR/step-<N>/ (N = global step) holding
   dense parameters and Adam state in unpartitioned form (distributed.dense explains why);
 - `manifest.json`: format, step, the data cursor (components.progress), world size, global batch,
   the resolved config, the sharding plan, library versions, the model's signature (stages, table and
-  dense shapes) that a load is checked against, and every file with its size.
+  dense shapes) that a load is checked against, and every file with its size and CRC-32.
 
 Commit protocol: every rank writes into `.tmp-step-<N>/`; once DCP has gathered every rank's write
 results, rank 0 writes the manifest (temp file, fsync, rename) and renames the folder to `step-<N>`.
 So a `step-<N>` folder is complete by construction; a crash during a save leaves a `.tmp-*` folder,
 which the next start removes. `manifest.json` is the commit marker: DCP's `.metadata` only marks DCP's
-own part, and DeepSpeed's `latest` file is written before its writers finish. Before anything is loaded
-the manifest and the size of every listed file are checked, so a damaged checkpoint (a missing or
-truncated shard, no manifest) is refused before any tensor changes: `resume=auto` then falls back to
-the previous complete one with a warning, an explicit path fails naming the file. Pruning keeps the
-newest `keep` (>= 2) complete checkpoints.
+own part, and DeepSpeed's `latest` file is written before its writers finish. Each rank checksums the
+files it wrote right after writing them (they are still in the page cache). Before anything is loaded
+the manifest, the size and the CRC-32 of every listed file are checked, so a damaged checkpoint (a
+missing, truncated or altered shard, no or a broken manifest) is refused before any tensor changes:
+`resume=auto` then falls back to the previous complete one with a warning, an explicit path fails
+naming the file. Pruning keeps the newest `keep` (>= 2) complete checkpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import platform
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -37,9 +39,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
-"""2: a stage's user tables in their own collection (`sparse.<stage>.user_ebc`), the item tables in
-`sparse.<stage>.ebc`; format 1 held every table of a stage in `sparse.<stage>.ebc`."""
+FORMAT_VERSION = 3
+"""3: `files` maps each file to {"bytes", "crc32"}; format 2 recorded sizes only. 2: a stage's user tables
+in their own collection (`sparse.<stage>.user_ebc`), the item tables in `sparse.<stage>.ebc`."""
+_CHUNK_BYTES = 16 << 20
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
@@ -56,11 +59,21 @@ def checkpoint_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of checkpoint folder `path`, after checking that every file it lists is whole.
+def file_crc32(path: Path) -> str:
+    """CRC-32 of a file's bytes (zlib's, streamed), as 8 hex digits."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def read_manifest(path: Path, verify_content: bool = True) -> dict[str, Any]:
+    """The manifest of checkpoint folder `path`, after checking that every file it lists is whole: its
+    size, and (verify_content) its CRC-32, which reads every file.
 
     Raises:
-        CheckpointError: naming the missing folder, manifest or file, or the truncated file.
+        CheckpointError: naming the missing folder, manifest or file, or the truncated or altered file.
     """
     path = Path(path)
     if not path.is_dir():
@@ -71,18 +84,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
+        format_version = manifest["format"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{manifest_path} is damaged ({exc})") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{manifest_path}: checkpoint format {manifest.get('format')!r}, this lcron_dist "
+        raise CheckpointError(f"{manifest_path} is damaged ({type(exc).__name__}: {exc})") from None
+    if format_version != FORMAT_VERSION:
+        raise CheckpointError(f"{manifest_path}: checkpoint format {format_version!r}, this lcron_dist "
                               f"reads format {FORMAT_VERSION}")
-    for name, size in files.items():
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing (listed in {manifest_path})")
         actual = file.stat().st_size
-        if actual != size:
-            raise CheckpointError(f"{file} is truncated or altered: {actual:,} bytes, the manifest says {size:,}")
+        if actual != expected["bytes"]:
+            raise CheckpointError(f"{file} is truncated or altered: {actual:,} bytes, the manifest says "
+                                  f"{expected['bytes']:,}")
+        if verify_content and (crc := file_crc32(file)) != expected["crc32"]:
+            raise CheckpointError(f"{file} is altered: its CRC-32 is {crc}, the manifest says {expected['crc32']}")
     return manifest
 
 
@@ -134,6 +151,15 @@ def _broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _gather_dicts(mine: dict) -> dict:
+    """Every rank's `mine` merged, on rank 0 (collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    everyone: list = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everyone, dst=0)
+    return {k: v for part in everyone for k, v in sorted(part.items())} if everyone else {}
 
 
 def _barrier() -> None:
@@ -220,22 +246,31 @@ class Checkpointer:
         # each that is a view of a larger buffer (fbgemm keeps a group's tables in one), so one file per
         # rank would hold a copy of all of that rank's tables at once.
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=False))
-        _barrier()  # every rank's shards are on disk
+        checksum_start = time.perf_counter()
+        mine = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": file_crc32(p)}
+                for p in sorted(tmp.rglob("*")) if p.is_file() and self._wrote(p.name)}
+        checksum_seconds = time.perf_counter() - checksum_start
+        files = _gather_dicts(mine)  # also: every rank's shards are on disk
         if self.rank == 0:
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             _write_json_durably(tmp / MANIFEST, {**manifest, "format": FORMAT_VERSION, "step": step, "files": files})
             _fsync_dir(tmp)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            size = sum(files.values())
-            self.log.info("checkpoint %s: %.1f MiB in %.2f s", final, size / 2**20, time.perf_counter() - start)
+            size = sum(entry["bytes"] for entry in files.values())
+            self.log.info("checkpoint %s: %.1f MiB in %.2f s (rank 0's checksums %.2f s of it)", final, size / 2**20,
+                          time.perf_counter() - start, checksum_seconds)
             self._prune()
         _barrier()
         return final
 
+    def _wrote(self, name: str) -> bool:
+        """Whether this rank wrote file `name` of a checkpoint: its own DCP files, and rank 0 the rest."""
+        owner = re.match(r"__(\d+)_", name)
+        return int(owner.group(1)) == self.rank if owner else self.rank == 0
+
     def _is_complete(self, path: Path) -> bool:
         try:
-            read_manifest(path)
+            read_manifest(path, verify_content=False)
             return True
         except CheckpointError:
             return False

@@ -33,6 +33,13 @@ EVERY_3 = [*LOGGED, "--checkpoint.every_steps=3", "--checkpoint.keep=100"]
 SHARDED = ["--parallelism.sharding=table_wise", "--parallelism.table_sharding.video_id=row_wise",
            "--parallelism.table_sharding.author_id=data_parallel", "--parallelism.table_optimizer=adam"]
 """Sharded tables with row-sparse Adam (fused), the author tables data-parallel with torch's Adam."""
+DAMAGES = ("missing_shard", "no_manifest", "truncated", "altered", "manifest_not_json", "manifest_without_files",
+           "manifest_of_another_format")
+DAMAGE_MESSAGES = {"missing_shard": "is missing", "no_manifest": "is not a complete checkpoint",
+                   "truncated": "is truncated or altered", "altered": "is altered: its CRC-32 is",
+                   "manifest_not_json": "is damaged (JSONDecodeError", "manifest_without_files": "is damaged (KeyError",
+                   "manifest_of_another_format": "checkpoint format 2, this lcron_dist reads format 3"}
+"""What the refusal of an explicitly named damaged checkpoint says, per damage."""
 METRICS = ("joint_recall", "stages", "train_requests", "eval_requests", "train_days", "test_day")
 
 
@@ -279,11 +286,26 @@ def _bad_checkpoint_cases(rank: int, data: str, data3: str, saved: str, root: st
             "towers": attempt("m2", f"{saved}/step-4", "--model.din_hidden=16"),
             "stages": attempt("m3", f"{saved}/step-4", "--model.num_stages=3", dataset=data3),
         }
-        for damage in ("missing_shard", "no_manifest", "truncated"):
+        for damage in DAMAGES:
             target = copy(damage, (3, 4))
-            victim = target / "step-4" / ("manifest.json" if damage == "no_manifest" else "__0_0.distcp")
+            shards = sorted((target / "step-4").glob("*.distcp"), key=lambda p: p.stat().st_size)
+            victim = target / "step-4" / "manifest.json" if "manifest" in damage else shards[0]
             if damage == "truncated":
                 victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+            elif damage == "altered":  # one byte changed in place in the largest shard: same size
+                victim = shards[-1]
+                data = bytearray(victim.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                victim.write_bytes(bytes(data))
+            elif damage == "manifest_not_json":
+                victim.write_text(victim.read_text()[:-40])
+            elif damage in ("manifest_without_files", "manifest_of_another_format"):
+                manifest = json.loads(victim.read_text())
+                if damage == "manifest_without_files":
+                    del manifest["files"]
+                else:
+                    manifest["format"] -= 1
+                victim.write_text(json.dumps(manifest))
             else:
                 victim.unlink()
             report[damage] = {"auto": attempt(damage, "auto"), "explicit": attempt(damage, str(target / "step-4")),
@@ -340,11 +362,12 @@ def test_checkpoint_of_another_model_is_refused_naming_the_first_mismatch(bad: d
     assert "model.num_stages: the checkpoint has 2, this run has 3" in other["stages"]["error"]
 
 
-@pytest.mark.parametrize("damage", ["missing_shard", "no_manifest", "truncated"])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_checkpoint_is_never_loaded(bad: dict, damage: str) -> None:
     case = bad["cases"][damage]
     assert case["auto"] == {"step": 3}, "auto falls back to the previous complete checkpoint"
     assert case["file"] in case["explicit"]["error"], "an explicit path fails naming the file"
+    assert DAMAGE_MESSAGES[damage] in case["explicit"]["error"], case["explicit"]["error"]
     assert "skipping damaged checkpoint" in bad["logs"]["cases"]
 
 
