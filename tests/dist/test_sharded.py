@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lcron_dist.data import convert
 from lcron_dist.distributed.process_group import RendezvousStore
+from ranks import run_ranks  # tests/ is on sys.path (conftest.py's folder)
 
 SHARDING = ["--parallelism.sharding=table_wise", "--parallelism.table_sharding.video_id=row_wise",
             "--parallelism.table_sharding.author_id=data_parallel", "--parallelism.table_optimizer=rowwise_adagrad",
@@ -86,7 +86,7 @@ def two_rank_report(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) ->
     data = root / "dataset"
     convert.convert(tiny_raw, data, num_stages=2, progress=False)
     rendezvous = RendezvousStore()
-    mp.spawn(_rank_main, args=(2, rendezvous.env, str(data), str(root)), nprocs=2, join=True)
+    run_ranks(_rank_main, (2, rendezvous.env, str(data), str(root)), nprocs=2)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 

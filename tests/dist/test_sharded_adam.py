@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from lcron_dist.data import convert
 from lcron_dist.distributed.process_group import RendezvousStore
+from ranks import run_ranks  # tests/ is on sys.path (conftest.py's folder)
 
 SHARDINGS = ("table_wise", "row_wise", "column_wise", "table_row_wise")
 STEPS = 4
@@ -50,15 +50,7 @@ def _rank_main(rank: int, world: int, rendezvous: dict, data: str, out: str) -> 
 
 def _job(world: int, data: Path, out: Path) -> dict:
     rendezvous = RendezvousStore()
-    context = mp.start_processes(_rank_main, args=(world, rendezvous.env, str(data), str(out)), nprocs=world,
-                                 join=False, start_method="spawn")
-    for _ in range(TIMEOUT_S):
-        if context.join(timeout=1):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail(f"the {world}-rank job did not finish in {TIMEOUT_S} s")
+    run_ranks(_rank_main, (world, rendezvous.env, str(data), str(out)), nprocs=world, timeout_s=TIMEOUT_S)
     losses = {}
     for sharding in SHARDINGS:
         rows = [json.loads(line) for line in (out / f"world{world}" / sharding / "metrics.jsonl").read_text().splitlines()]

@@ -126,7 +126,8 @@ def test_plan_and_logs_name_every_rank(runs: dict) -> None:
     assert "| 0 |" in plan and "| 1 |" in plan
     for rank in (0, 1):  # torchrun's prefix and the trainer's own
         assert f"[default{rank}]:[rank {rank}] " in runs["two_output"]
-    threads = max(1, os.cpu_count() // 2)  # run_train.sh: cores / local processes each
+    # run_train.sh keeps a given OMP_NUM_THREADS (conftest.py sets 1 for every launch), else cores / local processes
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() // 2))
     assert runs["two_output"].count(f", {threads} torch threads") == 2
     logs = sorted(runs["logs"].rglob("stderr.log"))
     assert len(logs) == 2 and all("[rank" in log.read_text() for log in logs)

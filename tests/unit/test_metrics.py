@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lcron_dist.data import schema
 from lcron_dist.distributed.process_group import RendezvousStore
+from ranks import run_ranks  # tests/ is on sys.path (conftest.py's folder)
 from lcron_dist.metrics import CascadeMetrics, joint_recall, ndcg_at_k, stage_recall, top_m_mask
 
 HUGE = 1.0e6  # score and label of padded items: selecting or counting one would show at once
@@ -396,7 +396,7 @@ def test_cascade_metrics_all_reduce_two_ranks(tmp_path: Path, monkeypatch: pytes
     for key, value in {**rendezvous.env, "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(key, value)
     out = str(tmp_path / "result")
-    mp.spawn(_dist_worker, args=(2, out), nprocs=2, join=True)
+    run_ranks(_dist_worker, (2, out), nprocs=2)
     case = make_case(DIST_CASE["num_stages"], DIST_CASE["batch"], DIST_CASE["n"], DIST_CASE["seed"],
                      graded=DIST_CASE["graded"])
     single = metrics_over(case, [case.batch]).compute()
