@@ -375,7 +375,7 @@ class Trainer:
                         f"{exc} at step {self.progress.step + 1} (day {day}, global batch "
                         f"{self.progress.start_batch(day) + 1}): training stopped before any rank stepped on it, "
                         f"and no checkpoint holds it; a restart resumes from "
-                        f"{saved[-1][1] if saved else 'the start (no checkpoint yet)'}") from None
+                        f"{saved[0][1] if saved else 'the start (no checkpoint yet)'}") from None  # newest first
                 finally:
                     batches.close()
 

@@ -72,17 +72,18 @@ def test_bad_override_is_rejected_before_training(tiny_datasets: dict[int, Path]
 
 
 def test_diverging_run_stops_at_the_first_non_finite_loss(tiny_datasets: dict[int, Path], tmp_path: Path) -> None:
-    """lr=1e12 makes the loss NaN within a few steps: the run exits 3 naming the step, day and batch,
-    metrics.jsonl holds only finite JSON rows, no checkpoint is of that step or later, and a restart
-    resumes from the last checkpoint and stops at the same step."""
-    args = ("--optim.lr=1e12", "--run.log_every=1", "--checkpoint.every_steps=1")
+    """lr=1e5 makes the loss NaN after a few steps (step 6, on the second day): the run exits 3 naming the
+    step, day and batch and the newest of several checkpoints, metrics.jsonl holds only finite JSON rows,
+    no checkpoint is of that step or later, and a restart resumes from the last checkpoint and stops at
+    the same step."""
+    args = ("--optim.lr=1e5", "--run.log_every=1", "--checkpoint.every_steps=1")
     proc = _train("tiny-2stage.toml", tiny_datasets[2], tmp_path, *args)
     assert proc.returncode == 3, proc.stderr[-3000:]
     found = re.search(r"lcron-train: error: the loss is not finite on rank 0 at step (\d+) \(day (\S+), global batch "
                       r"(\d+)\).* a restart resumes from (\S+)step-(\d+)$", proc.stderr, re.MULTILINE)
     assert found, proc.stderr[-3000:]
     step, last_good = int(found[1]), int(found[5])
-    assert step > 1 and last_good == step - 1
+    assert step > 3 and last_good == step - 1  # several checkpoints: the newest is named
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, step)) and all(math.isfinite(r["loss"]) for r in rows)
