@@ -149,8 +149,8 @@ class Trainer:
         self.engine = build_dense_engine(model.dense, config, self.dist.world_size, self.device)
         self.stages = model.stages
         self.timer = PhaseTimer(self.device)
-        self.pipeline = (SparseDistPipeline(self.model, self.engine, self.sparse_optimizer, self.device, self.timer,
-                                            self.autocast) if config.train.pipeline else None)
+        self.pipeline = (SparseDistPipeline(self.model, self.sparse_optimizer, self.device, self.timer, self._forward,
+                                            self._backward, self._optimizer_step) if config.train.pipeline else None)
         self.log.info("train pipeline: %s", "TorchRec's TrainPipelineSparseDist (the next batch's input distribution "
                       "runs during this batch's step)" if self.pipeline else "none (one batch at a time)")
 
@@ -305,20 +305,33 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One step on `batch`, nothing overlapped."""
-        phase = self.timer.phase
-        with phase("data"):
+        with self.timer.phase("data"):
             batch = batch.to(self.device)
-        with phase("forward"), self.autocast():
+        loss, parts = self._forward(batch)
+        self._backward(loss)
+        self._optimizer_step()
+        self.sparse_optimizer.zero_grad()
+        return parts
+
+    # A step's parts, shared by the plain loop (train_step) and the train pipeline.
+
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of `batch` and its detached parts ({'loss': total, **parts})."""
+        with self.timer.phase("forward"), self.autocast():
             out, _ = self.model(batch)
-        check_finite_loss(out.total)
-        with phase("backward"):
-            self.engine.backward(out.total)
-        with phase("dense_step"):
+        return out.total, {"loss": out.total.detach(), **out.parts}
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Check the loss on every rank (NonFiniteLoss before any rank steps), then its backward."""
+        check_finite_loss(loss)
+        with self.timer.phase("backward"):
+            self.engine.backward(loss)
+
+    def _optimizer_step(self) -> None:
+        with self.timer.phase("dense_step"):
             self.engine.step()
-        with phase("sparse_step"):
+        with self.timer.phase("sparse_step"):
             self.sparse_optimizer.step()
-            self.sparse_optimizer.zero_grad()
-        return {"loss": out.total.detach(), **out.parts}
 
     def _log_step(self, day: dt.date, parts: dict[str, torch.Tensor], requests: int, seconds: float) -> None:
         values = torch.stack([v.float() for v in parts.values()])

@@ -7,20 +7,20 @@ under way, and batch i+2 is read. Only the lookups' output distribution stays on
 The pipeline reaches the sharded collections by tracing the model: each takes an attribute of the batch
 (Batch.features) as it is, and the model's other modules are leaves of the trace.
 
-TorchRec's loop is kept as it is; this subclass only swaps what differs in this trainer: the loss is checked
-(every rank stops before a non-finite loss goes backward) and goes backward through the DeepSpeed engine, the step is DeepSpeed's then the fused table optimizer's, and
-every part runs under the trainer's phase timer ('input_dist' is the pipeline's own phase).
+TorchRec's loop is kept as it is; this subclass only swaps what differs in this trainer: the forward,
+the backward and the optimizer step are the trainer's own (the same ones its plain loop runs: the
+loss checked, backward through the DeepSpeed engine, DeepSpeed's step then the fused table optimizer's),
+and the batch's copy and input distribution run under the trainer's phase timer ('input_dist' is the
+pipeline's own phase).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from lcron_dist.components.finite import check_finite_loss
 from lcron_dist.components.profiling import PhaseTimer
 from lcron_dist.data.batch import Batch
 
@@ -29,39 +29,34 @@ StepOutput = tuple[dict[str, torch.Tensor], int]
 
 
 class SparseDistPipeline(TrainPipelineSparseDist):
-    """TorchRec's TrainPipelineSparseDist driving a sharded Cascade whose dense part DeepSpeed owns.
+    """TorchRec's TrainPipelineSparseDist driving a sharded Cascade through the trainer's step.
 
     Args:
         model: the DistributedModelParallel-sharded Cascade.
-        engine: the DeepSpeed engine of the model's dense part.
-        sparse_optimizer: the fused table optimizer (its zero_grad starts each step, its step ends it).
+        sparse_optimizer: the fused table optimizer (its zero_grad starts each step).
         device: the training device.
         timer: the trainer's phase timer.
-        autocast: the trainer's compute-precision context for the forward.
+        forward: batch -> (loss, detached loss parts {'loss': total, **parts}).
+        backward: runs the loss backward.
+        optimizer_step: steps every optimizer.
     """
 
-    def __init__(self, model: torch.nn.Module, engine, sparse_optimizer: torch.optim.Optimizer,
-                 device: torch.device, timer: PhaseTimer, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+    def __init__(self, model: torch.nn.Module, sparse_optimizer: torch.optim.Optimizer, device: torch.device,
+                 timer: PhaseTimer, forward: Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                 backward: Callable[[torch.Tensor], None], optimizer_step: Callable[[], None]) -> None:
         super().__init__(model, sparse_optimizer, device, execute_all_batches=True, custom_model_fwd=self._forward)
-        self.engine = engine
         self.timer = timer
-        self.autocast = autocast
+        self.forward, self.backward, self.optimizer_step = forward, backward, optimizer_step
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
-        with self.timer.phase("forward"), self.autocast():
-            out, _ = self._model(batch)
-        return out.total, ({"loss": out.total.detach(), **out.parts}, batch.size)
+        loss, parts = self.forward(batch)
+        return loss, (parts, batch.size)
 
     def _backward(self, losses: torch.Tensor) -> None:
-        check_finite_loss(losses)
-        with self.timer.phase("backward"):
-            self.engine.backward(losses)
+        self.backward(losses)
 
     def _optimizer_step(self) -> None:
-        with self.timer.phase("dense_step"):
-            self.engine.step()
-        with self.timer.phase("sparse_step"):
-            self._optimizer.step()
+        self.optimizer_step()
 
     def copy_batch_to_gpu(self, dataloader_iter: Iterator[Batch]):
         with self.timer.phase("data"):

@@ -57,7 +57,6 @@ class StageEmbeddings(nn.Module):
 
     def __init__(self, stage: str, vocab_sizes: dict[str, int], dim: int, device: torch.device | str = "meta") -> None:
         super().__init__()
-        self.dim = dim
         self.user_ebc = EmbeddingBagCollection(tables=table_configs(stage, schema.USER_FEATURES, vocab_sizes, dim),
                                                device=torch.device(device))
         self.ebc = EmbeddingBagCollection(tables=table_configs(stage, schema.ITEM_FEATURES, vocab_sizes, dim),
